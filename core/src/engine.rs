@@ -1,0 +1,1249 @@
+//! The round state machine: membership, leases, shard assignment, push
+//! validation, aggregation and publishing of model versions.
+//!
+//! Sans-IO in the style of raft-rs' `RawNode`: callers feed inputs (a worker
+//! joined, asked for a task, sent a chunk; time passed) with `now` as a
+//! parameter, and drain [`Event`]s to act on (log, checkpoint, exit). The
+//! engine never reads the clock, never touches a socket or a file.
+//!
+//! Rules, in the words of the job's operator:
+//! - A round starts once `min_workers` workers are live. Each live worker (up
+//!   to `max_workers_per_round`) is leased `shards_per_worker` shards.
+//! - A worker pulls the current version, trains, and pushes its
+//!   pseudo-gradient. A push is validated chunk by chunk before each chunk is
+//!   folded; a push that fails half way is undone exactly and the round goes
+//!   on (the worker may push again).
+//! - The round commits when every participant has pushed (and at least
+//!   `min_participants` did), or at the deadline if at least
+//!   `min_participants` pushed. Otherwise it is aborted at the deadline and
+//!   all its shards go back to the pool.
+//! - A worker whose lease expires is removed; its shards go back to the pool
+//!   and a worker that joins later may take its place in the round.
+//! - A shard counts as consumed only when the round that used it commits.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::aggregate::{Accumulator, FoldError};
+use crate::codec::DType;
+use crate::ids::{RoundId, ShardId, Version, WorkerId};
+use crate::model::TensorSpec;
+use crate::outer::{OuterOptimizer, OuterOptimizerConfig};
+use crate::params::ParamLayout;
+use crate::scheduler::{Consumption, ShardScheduler};
+
+/// Everything the engine needs to know about the job.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub tensors: Vec<TensorSpec>,
+    pub update_dtype: DType,
+    /// How long a worker stays a member without a heartbeat.
+    pub lease: Duration,
+    /// How long a round may run before it commits with what it has or aborts.
+    pub round_deadline: Duration,
+    /// Live workers needed before a round starts.
+    pub min_workers: usize,
+    /// Pushes needed to commit a round.
+    pub min_participants: usize,
+    /// Upper bound on participants per round; 0 means every live worker.
+    pub max_workers_per_round: usize,
+    pub shards_per_worker: usize,
+    /// Stop after this many committed rounds; 0 means no limit.
+    pub max_rounds: u64,
+    /// Stop after this many complete epochs; 0 means no limit.
+    pub max_epochs: u64,
+    /// One participant evaluates the pulled version on the held-out split in
+    /// rounds 1, 1 + k, 1 + 2k, ...; 0 evaluates only the final version.
+    pub eval_every: u64,
+    pub outer: OuterOptimizerConfig,
+    /// Largest accepted chunk, in elements.
+    pub max_chunk_elems: usize,
+    pub seed: u64,
+}
+
+/// One token shard as the scheduler and workers see it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardInfo {
+    pub id: ShardId,
+    pub file_name: String,
+    pub num_tokens: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EngineConfigError {
+    #[error("the job has no parameters")]
+    NoTensors,
+    #[error("the training split has no shards")]
+    NoShards,
+    #[error("initial parameters have {got} values, the model has {expected}")]
+    InitialParams { got: usize, expected: usize },
+    #[error("{field} must be at least 1")]
+    Zero { field: &'static str },
+    #[error("min_participants ({min_participants}) exceeds max_workers_per_round ({max_workers_per_round})")]
+    ImpossibleQuorum { min_participants: usize, max_workers_per_round: usize },
+    #[error("neither max_rounds nor max_epochs is set: the job would never end")]
+    Endless,
+    #[error(transparent)]
+    Outer(#[from] crate::outer::OuterConfigError),
+}
+
+/// Why an input was refused. Each maps to one gRPC status at the service edge.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EngineError {
+    #[error("unknown worker {0} (never joined, or its lease expired)")]
+    UnknownWorker(WorkerId),
+    #[error("stale round: push is for {got}, the current round is {current}")]
+    StaleRound { got: RoundId, current: String },
+    #[error("stale version: {got} requested, the current version is {current}")]
+    StaleVersion { got: Version, current: Version },
+    #[error("worker {worker} is not a participant of round {round}")]
+    NotAssigned { worker: WorkerId, round: RoundId },
+    #[error("worker {worker} already pushed for round {round}")]
+    AlreadyPushed { worker: WorkerId, round: RoundId },
+    #[error("worker {0} has no push in progress")]
+    NoOpenPush(WorkerId),
+    #[error("another push is being folded")]
+    PushInProgress,
+    #[error("update dtype is {got:?}, the job uses {expected:?}")]
+    WrongDtype { got: DType, expected: DType },
+    #[error("tensor index {index} out of range (the model has {count} tensors)")]
+    UnknownTensor { index: usize, count: usize },
+    #[error("chunk for tensor {got_tensor} at offset {got_offset}, expected tensor {expected_tensor} at offset {expected_offset}")]
+    ChunkOutOfOrder {
+        expected_tensor: usize,
+        expected_offset: usize,
+        got_tensor: usize,
+        got_offset: usize,
+    },
+    #[error("chunk of {len} values at offset {offset} overruns tensor {tensor} ({name}, {numel} values)")]
+    ChunkOverrunsTensor { tensor: usize, name: String, offset: usize, len: usize, numel: usize },
+    #[error("chunk of {len} values exceeds the limit of {max}")]
+    ChunkTooLarge { len: usize, max: usize },
+    #[error("empty chunk")]
+    EmptyChunk,
+    #[error("push ended after {received} of {expected} values")]
+    IncompletePush { received: usize, expected: usize },
+    #[error("push statistics are invalid: {0}")]
+    InvalidStats(&'static str),
+    #[error("worker {worker} was not asked to evaluate version {version}")]
+    UnexpectedEval { worker: WorkerId, version: Version },
+    #[error("the job has finished")]
+    JobFinished,
+}
+
+/// What a worker says about itself when it joins.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkerInfo {
+    pub hostname: String,
+    pub device: String,
+    pub device_memory_bytes: u64,
+}
+
+/// Training statistics a worker reports with its push.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PushStats {
+    pub mean_loss: f64,
+    pub tokens: u64,
+    pub train_seconds: f64,
+    pub eval_loss: Option<f64>,
+    pub eval_tokens: u64,
+}
+
+/// A push's header, as received.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PushHeader {
+    pub round: RoundId,
+    pub base_version: Version,
+    pub dtype: DType,
+    pub stats: PushStats,
+}
+
+/// Decoded chunk values, known to be finite (built only by [`FiniteValues::new`]).
+#[derive(Debug, PartialEq)]
+pub struct FiniteValues(Vec<f32>);
+
+impl FiniteValues {
+    /// Takes `values` if every one is finite; otherwise gives back the index of the first that is not.
+    pub fn new(values: Vec<f32>) -> Result<FiniteValues, usize> {
+        match values.iter().position(|x| !x.is_finite()) {
+            Some(index) => Err(index),
+            None => Ok(FiniteValues(values)),
+        }
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> Vec<f32> {
+        self.0
+    }
+}
+
+/// What a worker should do next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Task {
+    Train {
+        round: RoundId,
+        version: Version,
+        shards: Vec<ShardInfo>,
+        eval_shards: Vec<ShardInfo>,
+        deadline_in: Duration,
+    },
+    Eval { version: Version, eval_shards: Vec<ShardInfo> },
+    Wait { retry_after: Duration },
+    Done { reason: String },
+}
+
+/// Receipt for a complete push.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PushReceipt {
+    pub round: RoundId,
+    pub received: usize,
+    pub expected: usize,
+}
+
+/// Summary of a committed round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundSummary {
+    pub round: RoundId,
+    pub base_version: Version,
+    pub new_version: Version,
+    pub participants: usize,
+    pub mean_loss: f64,
+    pub tokens: u64,
+    /// Tokens per second of wall time, from round start to commit.
+    pub tokens_per_second: f64,
+    pub bytes_pulled: u64,
+    pub bytes_pushed: u64,
+    pub wall: Duration,
+    /// Held-out loss of `base_version`, when this round evaluated it.
+    pub eval_loss: Option<f64>,
+    pub epoch: u64,
+}
+
+/// Things that happened, for the caller to log or act on.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    WorkerJoined { worker: WorkerId, info: WorkerInfo },
+    WorkerExpired { worker: WorkerId, returned_shards: Vec<ShardId> },
+    RoundStarted { round: RoundId, version: Version, participants: usize, shards: usize },
+    PushRejected { worker: WorkerId, round: Option<RoundId>, reason: String },
+    RoundCommitted(RoundSummary),
+    RoundAborted { round: RoundId, pushed: usize, needed: usize, returned_shards: usize },
+    EpochCompleted { epoch: u64 },
+    EvalReported { version: Version, loss: f64, tokens: u64 },
+    JobFinished { version: Version, final_eval_loss: Option<f64>, rounds: u64, epochs: u64 },
+}
+
+#[derive(Clone, Debug)]
+struct WorkerEntry {
+    info: WorkerInfo,
+    lease_expires: Instant,
+    told_done: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum PushState {
+    Assigned,
+    Pushing { next_tensor: usize, next_offset: usize, header: PushHeader },
+    Pushed(PushStats),
+}
+
+#[derive(Clone, Debug)]
+struct Participant {
+    shards: Vec<ShardId>,
+    evaluates: bool,
+    state: PushState,
+}
+
+#[derive(Debug)]
+struct ActiveRound {
+    id: RoundId,
+    started_at: Instant,
+    deadline: Instant,
+    /// Participants the round started with; lost ones may be replaced up to this.
+    target_participants: usize,
+    participants: BTreeMap<WorkerId, Participant>,
+    bytes_pulled: u64,
+    bytes_pushed: u64,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Rounds run.
+    Training,
+    /// Training is over; the final version is evaluated by one worker.
+    FinalEval { assignee: Option<(WorkerId, Instant)> },
+    Finished,
+}
+
+/// The coordinator's state for one pretraining job.
+#[derive(Debug)]
+pub struct RoundEngine {
+    config: EngineConfig,
+    layout: ParamLayout,
+    shards: BTreeMap<ShardId, ShardInfo>,
+    eval_shards: Vec<ShardInfo>,
+    scheduler: ShardScheduler,
+    workers: BTreeMap<WorkerId, WorkerEntry>,
+    next_worker: u64,
+    next_round: u64,
+    committed_rounds: u64,
+    epochs_completed: u64,
+    version: Version,
+    global: Arc<Vec<f32>>,
+    accumulator: Accumulator,
+    outer: OuterOptimizer,
+    round: Option<ActiveRound>,
+    phase: Phase,
+    final_eval_loss: Option<f64>,
+    events: Vec<Event>,
+}
+
+/// How long an idle worker is told to wait before asking again.
+const IDLE_RETRY: Duration = Duration::from_millis(200);
+
+impl RoundEngine {
+    pub fn new(
+        config: EngineConfig,
+        train_shards: Vec<ShardInfo>,
+        eval_shards: Vec<ShardInfo>,
+        initial_params: Vec<f32>,
+    ) -> Result<RoundEngine, EngineConfigError> {
+        if config.tensors.is_empty() {
+            return Err(EngineConfigError::NoTensors);
+        }
+        if train_shards.is_empty() {
+            return Err(EngineConfigError::NoShards);
+        }
+        for (field, value) in [
+            ("min_workers", config.min_workers),
+            ("min_participants", config.min_participants),
+            ("shards_per_worker", config.shards_per_worker),
+            ("max_chunk_elems", config.max_chunk_elems),
+        ] {
+            if value == 0 {
+                return Err(EngineConfigError::Zero { field });
+            }
+        }
+        if config.max_workers_per_round != 0 && config.min_participants > config.max_workers_per_round {
+            return Err(EngineConfigError::ImpossibleQuorum {
+                min_participants: config.min_participants,
+                max_workers_per_round: config.max_workers_per_round,
+            });
+        }
+        if config.max_rounds == 0 && config.max_epochs == 0 {
+            return Err(EngineConfigError::Endless);
+        }
+        config.outer.validate()?;
+        let layout = ParamLayout::new(&config.tensors);
+        if initial_params.len() != layout.total() {
+            return Err(EngineConfigError::InitialParams {
+                got: initial_params.len(),
+                expected: layout.total(),
+            });
+        }
+        let scheduler = ShardScheduler::new(train_shards.iter().map(|s| s.id).collect(), config.seed);
+        Ok(RoundEngine {
+            accumulator: Accumulator::new(layout.total()),
+            outer: OuterOptimizer::new(config.outer, layout.total()),
+            layout,
+            shards: train_shards.into_iter().map(|s| (s.id, s)).collect(),
+            eval_shards,
+            scheduler,
+            workers: BTreeMap::new(),
+            next_worker: 1,
+            next_round: 1,
+            committed_rounds: 0,
+            epochs_completed: 0,
+            version: Version(0),
+            global: Arc::new(initial_params),
+            round: None,
+            phase: Phase::Training,
+            final_eval_loss: None,
+            events: Vec::new(),
+            config,
+        })
+    }
+
+    // ---- read access -------------------------------------------------------
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The published parameters of the current version.
+    pub fn global_params(&self) -> &Arc<Vec<f32>> {
+        &self.global
+    }
+
+    pub fn outer_optimizer(&self) -> &OuterOptimizer {
+        &self.outer
+    }
+
+    pub fn ledger(&self) -> &[Consumption] {
+        self.scheduler.ledger()
+    }
+
+    pub fn worker_info(&self, worker: WorkerId) -> Option<&WorkerInfo> {
+        self.workers.get(&worker).map(|w| &w.info)
+    }
+
+    pub fn live_workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn current_round(&self) -> Option<RoundId> {
+        self.round.as_ref().map(|r| r.id)
+    }
+
+    pub fn committed_rounds(&self) -> u64 {
+        self.committed_rounds
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    /// The job is finished and every live worker has been told so.
+    pub fn all_workers_released(&self) -> bool {
+        self.is_finished() && self.workers.values().all(|w| w.told_done)
+    }
+
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    // ---- membership ----------------------------------------------------------
+
+    pub fn join(&mut self, info: WorkerInfo, now: Instant) -> (WorkerId, Duration) {
+        let worker = WorkerId(self.next_worker);
+        self.next_worker += 1;
+        self.workers.insert(
+            worker,
+            WorkerEntry { info: info.clone(), lease_expires: now + self.config.lease, told_done: false },
+        );
+        self.events.push(Event::WorkerJoined { worker, info });
+        self.maybe_start_round(now);
+        (worker, self.config.lease)
+    }
+
+    /// Renews the worker's lease.
+    pub fn heartbeat(&mut self, worker: WorkerId, now: Instant) -> Result<Duration, EngineError> {
+        self.touch(worker, now)?;
+        Ok(self.config.lease)
+    }
+
+    fn touch(&mut self, worker: WorkerId, now: Instant) -> Result<(), EngineError> {
+        let lease = self.config.lease;
+        let entry = self.workers.get_mut(&worker).ok_or(EngineError::UnknownWorker(worker))?;
+        if entry.lease_expires <= now {
+            // Expired but not yet swept by a tick: treat it as gone.
+            self.expire(worker);
+            return Err(EngineError::UnknownWorker(worker));
+        }
+        entry.lease_expires = now + lease;
+        Ok(())
+    }
+
+    /// Advances time: expires leases, enforces the round deadline, starts rounds.
+    pub fn tick(&mut self, now: Instant) {
+        let expired: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.lease_expires <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for worker in expired {
+            self.expire(worker);
+        }
+        if let Some(round) = &self.round {
+            if now >= round.deadline {
+                self.on_deadline(now);
+            }
+        }
+        self.check_round(now);
+        self.maybe_start_round(now);
+    }
+
+    fn expire(&mut self, worker: WorkerId) {
+        self.workers.remove(&worker);
+        let mut returned = Vec::new();
+        if let Some(round) = &mut self.round {
+            if let Some(participant) = round.participants.remove(&worker) {
+                if matches!(participant.state, PushState::Pushing { .. }) {
+                    self.accumulator.abort_push();
+                }
+                if matches!(participant.state, PushState::Pushed(_)) {
+                    // Its update is already in the sum: keep it and its shards.
+                    round.participants.insert(worker, participant);
+                } else {
+                    returned = self.scheduler.release(worker);
+                }
+            }
+        }
+        if let Phase::FinalEval { assignee } = &mut self.phase {
+            if assignee.is_some_and(|(w, _)| w == worker) {
+                *assignee = None;
+            }
+        }
+        self.events.push(Event::WorkerExpired { worker, returned_shards: returned });
+    }
+
+    // ---- tasks -----------------------------------------------------------------
+
+    pub fn next_task(&mut self, worker: WorkerId, now: Instant) -> Result<Task, EngineError> {
+        self.touch(worker, now)?;
+        self.tick(now);
+        match &mut self.phase {
+            Phase::Finished => {
+                if let Some(entry) = self.workers.get_mut(&worker) {
+                    entry.told_done = true;
+                }
+                return Ok(Task::Done { reason: self.finish_reason() });
+            }
+            Phase::FinalEval { assignee } => {
+                let free = assignee.is_none_or(|(w, _)| w == worker);
+                if free {
+                    *assignee = Some((worker, now));
+                    return Ok(Task::Eval { version: self.version, eval_shards: self.eval_shards.clone() });
+                }
+                return Ok(Task::Wait { retry_after: IDLE_RETRY });
+            }
+            Phase::Training => {}
+        }
+        self.maybe_join_running_round(worker);
+        let Some(round) = &self.round else {
+            return Ok(Task::Wait { retry_after: IDLE_RETRY });
+        };
+        match round.participants.get(&worker) {
+            Some(Participant { state: PushState::Assigned, shards, evaluates }) => Ok(Task::Train {
+                round: round.id,
+                version: self.version,
+                shards: shards.iter().map(|id| self.shards[id].clone()).collect(),
+                eval_shards: if *evaluates { self.eval_shards.clone() } else { Vec::new() },
+                deadline_in: round.deadline.saturating_duration_since(now),
+            }),
+            _ => Ok(Task::Wait { retry_after: IDLE_RETRY }),
+        }
+    }
+
+    fn finish_reason(&self) -> String {
+        format!(
+            "job finished after {} rounds and {} epochs at {}",
+            self.committed_rounds, self.epochs_completed, self.version
+        )
+    }
+
+    /// A worker that is not in the running round replaces a lost participant,
+    /// if the round lost one and shards are waiting.
+    fn maybe_join_running_round(&mut self, worker: WorkerId) {
+        let Some(round) = &mut self.round else { return };
+        if round.participants.contains_key(&worker)
+            || round.participants.len() >= round.target_participants
+            || self.scheduler.pending() == 0
+        {
+            return;
+        }
+        let shards = self.scheduler.lease(worker, round.id, self.config.shards_per_worker);
+        round
+            .participants
+            .insert(worker, Participant { shards, evaluates: false, state: PushState::Assigned });
+    }
+
+    fn maybe_start_round(&mut self, now: Instant) {
+        if self.round.is_some() || !matches!(self.phase, Phase::Training) {
+            return;
+        }
+        if self.workers.len() < self.config.min_workers {
+            return;
+        }
+        let cap = match self.config.max_workers_per_round {
+            0 => usize::MAX,
+            n => n,
+        };
+        let id = RoundId(self.next_round);
+        let mut participants = BTreeMap::new();
+        for &worker in self.workers.keys().take(cap) {
+            let shards = self.scheduler.lease(worker, id, self.config.shards_per_worker);
+            if shards.is_empty() {
+                break;
+            }
+            participants.insert(worker, Participant { shards, evaluates: false, state: PushState::Assigned });
+        }
+        if participants.is_empty() {
+            return;
+        }
+        let eval_due = match self.config.eval_every {
+            0 => false,
+            k => (id.0 - 1) % k == 0,
+        };
+        if eval_due && !self.eval_shards.is_empty() {
+            if let Some(first) = participants.values_mut().next() {
+                first.evaluates = true;
+            }
+        }
+        self.next_round += 1;
+        let shards = participants.values().map(|p| p.shards.len()).sum();
+        self.events.push(Event::RoundStarted {
+            round: id,
+            version: self.version,
+            participants: participants.len(),
+            shards,
+        });
+        self.round = Some(ActiveRound {
+            id,
+            started_at: now,
+            deadline: now + self.config.round_deadline,
+            target_participants: participants.len(),
+            participants,
+            bytes_pulled: 0,
+            bytes_pushed: 0,
+        });
+    }
+
+    // ---- pulls -------------------------------------------------------------------
+
+    /// The parameters of `version` for `worker` to pull; only the current version is served.
+    pub fn pull(&mut self, worker: WorkerId, version: Version, now: Instant) -> Result<Arc<Vec<f32>>, EngineError> {
+        self.touch(worker, now)?;
+        if version != self.version {
+            return Err(EngineError::StaleVersion { got: version, current: self.version });
+        }
+        if let Some(round) = &mut self.round {
+            round.bytes_pulled += (self.global.len() * 4) as u64;
+        }
+        Ok(Arc::clone(&self.global))
+    }
+
+    // ---- pushes ----------------------------------------------------------------
+
+    fn round_name(&self) -> String {
+        self.round.as_ref().map_or_else(|| "none".to_string(), |r| r.id.to_string())
+    }
+
+    /// Opens a push. Refused if another worker's push is being folded: the
+    /// caller serialises pushes and retries.
+    pub fn begin_push(&mut self, worker: WorkerId, header: PushHeader, now: Instant) -> Result<(), EngineError> {
+        self.touch(worker, now)?;
+        self.tick(now);
+        let result = self.check_push_header(worker, &header);
+        if let Err(error) = &result {
+            if !matches!(error, EngineError::PushInProgress) {
+                self.reject(worker, Some(header.round), error);
+            }
+            return result;
+        }
+        self.accumulator.begin_push().expect("no push open");
+        let round = self.round.as_mut().expect("checked");
+        round.participants.get_mut(&worker).expect("checked").state =
+            PushState::Pushing { next_tensor: 0, next_offset: 0, header };
+        Ok(())
+    }
+
+    fn check_push_header(&self, worker: WorkerId, header: &PushHeader) -> Result<(), EngineError> {
+        let Some(round) = &self.round else {
+            return Err(EngineError::StaleRound { got: header.round, current: self.round_name() });
+        };
+        if header.round != round.id {
+            return Err(EngineError::StaleRound { got: header.round, current: self.round_name() });
+        }
+        if header.base_version != self.version {
+            return Err(EngineError::StaleVersion { got: header.base_version, current: self.version });
+        }
+        let participant = round
+            .participants
+            .get(&worker)
+            .ok_or(EngineError::NotAssigned { worker, round: round.id })?;
+        match participant.state {
+            PushState::Assigned => {}
+            PushState::Pushed(_) => return Err(EngineError::AlreadyPushed { worker, round: round.id }),
+            PushState::Pushing { .. } => return Err(EngineError::PushInProgress),
+        }
+        if header.dtype != self.config.update_dtype {
+            return Err(EngineError::WrongDtype { got: header.dtype, expected: self.config.update_dtype });
+        }
+        let stats = &header.stats;
+        if !stats.mean_loss.is_finite() || stats.mean_loss < 0.0 {
+            return Err(EngineError::InvalidStats("mean_loss must be finite and non-negative"));
+        }
+        if !stats.train_seconds.is_finite() || stats.train_seconds < 0.0 {
+            return Err(EngineError::InvalidStats("train_seconds must be finite and non-negative"));
+        }
+        if stats.eval_loss.is_some_and(|l| !l.is_finite() || l < 0.0) {
+            return Err(EngineError::InvalidStats("eval_loss must be finite and non-negative"));
+        }
+        if self.accumulator.is_push_open() {
+            return Err(EngineError::PushInProgress);
+        }
+        Ok(())
+    }
+
+    fn reject(&mut self, worker: WorkerId, round: Option<RoundId>, error: &EngineError) {
+        self.events.push(Event::PushRejected { worker, round, reason: error.to_string() });
+    }
+
+    /// Folds one chunk of the worker's open push. On error the whole push is
+    /// undone and the worker may push again from the start.
+    pub fn push_chunk(
+        &mut self,
+        worker: WorkerId,
+        tensor_index: usize,
+        offset: usize,
+        values: FiniteValues,
+        wire_bytes: usize,
+    ) -> Result<(), EngineError> {
+        let result = self.fold_chunk(worker, tensor_index, offset, values.as_slice(), wire_bytes);
+        if let Err(error) = &result {
+            if !matches!(error, EngineError::NoOpenPush(_)) {
+                self.abort_push(worker, error);
+            }
+        }
+        result
+    }
+
+    fn fold_chunk(
+        &mut self,
+        worker: WorkerId,
+        tensor_index: usize,
+        offset: usize,
+        values: &[f32],
+        wire_bytes: usize,
+    ) -> Result<(), EngineError> {
+        let round = self.round.as_mut().ok_or(EngineError::NoOpenPush(worker))?;
+        let participant = round.participants.get_mut(&worker).ok_or(EngineError::NoOpenPush(worker))?;
+        let PushState::Pushing { next_tensor, next_offset, .. } = &mut participant.state else {
+            return Err(EngineError::NoOpenPush(worker));
+        };
+        let count = self.layout.tensors().len();
+        let slot = self
+            .layout
+            .tensor(tensor_index)
+            .ok_or(EngineError::UnknownTensor { index: tensor_index, count })?;
+        if values.is_empty() {
+            return Err(EngineError::EmptyChunk);
+        }
+        if values.len() > self.config.max_chunk_elems {
+            return Err(EngineError::ChunkTooLarge { len: values.len(), max: self.config.max_chunk_elems });
+        }
+        if (tensor_index, offset) != (*next_tensor, *next_offset) {
+            return Err(EngineError::ChunkOutOfOrder {
+                expected_tensor: *next_tensor,
+                expected_offset: *next_offset,
+                got_tensor: tensor_index,
+                got_offset: offset,
+            });
+        }
+        if offset + values.len() > slot.numel {
+            return Err(EngineError::ChunkOverrunsTensor {
+                tensor: tensor_index,
+                name: slot.name.clone(),
+                offset,
+                len: values.len(),
+                numel: slot.numel,
+            });
+        }
+        self.accumulator.fold(slot.offset + offset, values).map_err(|e| match e {
+            // The checks above make these unreachable; keep the invariant loud.
+            FoldError::OutOfOrder { .. } | FoldError::PastEnd { .. } => EngineError::ChunkOutOfOrder {
+                expected_tensor: *next_tensor,
+                expected_offset: *next_offset,
+                got_tensor: tensor_index,
+                got_offset: offset,
+            },
+            _ => EngineError::NoOpenPush(worker),
+        })?;
+        *next_offset += values.len();
+        if *next_offset == slot.numel {
+            *next_tensor += 1;
+            *next_offset = 0;
+        }
+        round.bytes_pushed += wire_bytes as u64;
+        Ok(())
+    }
+
+    /// Completes the worker's push; the round may commit as a result.
+    pub fn finish_push(&mut self, worker: WorkerId, now: Instant) -> Result<PushReceipt, EngineError> {
+        let Some(round) = self.round.as_mut() else {
+            return Err(EngineError::NoOpenPush(worker));
+        };
+        let Some(participant) = round.participants.get_mut(&worker) else {
+            return Err(EngineError::NoOpenPush(worker));
+        };
+        let PushState::Pushing { next_tensor, header, .. } = participant.state else {
+            return Err(EngineError::NoOpenPush(worker));
+        };
+        if next_tensor != self.layout.tensors().len() {
+            let received = self
+                .layout
+                .tensor(next_tensor)
+                .map_or(self.layout.total(), |slot| slot.offset);
+            let error = EngineError::IncompletePush { received, expected: self.layout.total() };
+            self.abort_push(worker, &error);
+            return Err(error);
+        }
+        self.accumulator.finish_push().expect("every element folded");
+        participant.state = PushState::Pushed(header.stats);
+        let receipt = PushReceipt {
+            round: round.id,
+            received: round.participants.values().filter(|p| matches!(p.state, PushState::Pushed(_))).count(),
+            expected: round.participants.len(),
+        };
+        self.check_round(now);
+        Ok(receipt)
+    }
+
+    /// Discards the worker's open push (its stream broke, or a chunk was bad).
+    pub fn abort_push(&mut self, worker: WorkerId, reason: &EngineError) {
+        let Some(round) = self.round.as_mut() else { return };
+        let round_id = round.id;
+        let Some(participant) = round.participants.get_mut(&worker) else { return };
+        if matches!(participant.state, PushState::Pushing { .. }) {
+            self.accumulator.abort_push();
+            participant.state = PushState::Assigned;
+            self.reject(worker, Some(round_id), reason);
+        }
+    }
+
+    // ---- evaluation ------------------------------------------------------------
+
+    pub fn report_eval(
+        &mut self,
+        worker: WorkerId,
+        version: Version,
+        loss: f64,
+        tokens: u64,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        self.touch(worker, now)?;
+        if !loss.is_finite() || loss < 0.0 {
+            return Err(EngineError::InvalidStats("eval loss must be finite and non-negative"));
+        }
+        let Phase::FinalEval { assignee } = &self.phase else {
+            return Err(EngineError::UnexpectedEval { worker, version });
+        };
+        if version != self.version || !assignee.is_some_and(|(w, _)| w == worker) {
+            return Err(EngineError::UnexpectedEval { worker, version });
+        }
+        self.final_eval_loss = Some(loss);
+        self.events.push(Event::EvalReported { version, loss, tokens });
+        self.finish();
+        Ok(())
+    }
+
+    // ---- round completion ------------------------------------------------------
+
+    fn on_deadline(&mut self, now: Instant) {
+        let Some(round) = self.round.as_mut() else { return };
+        if self.accumulator.is_push_open() {
+            self.accumulator.abort_push();
+        }
+        let pushed = round.participants.values().filter(|p| matches!(p.state, PushState::Pushed(_))).count();
+        if pushed < self.config.min_participants {
+            self.abort_round();
+            return;
+        }
+        // Stragglers' shards go back to the pool; the round commits without them.
+        let late: Vec<WorkerId> = round
+            .participants
+            .iter()
+            .filter(|(_, p)| !matches!(p.state, PushState::Pushed(_)))
+            .map(|(&w, _)| w)
+            .collect();
+        for worker in late {
+            round.participants.remove(&worker);
+            self.scheduler.release(worker);
+        }
+        self.commit(now);
+    }
+
+    fn abort_round(&mut self) {
+        let Some(round) = self.round.take() else { return };
+        let mut returned = 0;
+        for &worker in round.participants.keys() {
+            returned += self.scheduler.release(worker).len();
+        }
+        let pushed = self.accumulator.pushes();
+        self.accumulator.reset();
+        self.events.push(Event::RoundAborted {
+            round: round.id,
+            pushed,
+            needed: self.config.min_participants,
+            returned_shards: returned,
+        });
+    }
+
+    /// Commits the round if every participant has pushed and the quorum is met.
+    fn check_round(&mut self, now: Instant) {
+        let Some(round) = &self.round else { return };
+        if round.participants.is_empty() {
+            self.abort_round();
+            return;
+        }
+        let all_pushed = round.participants.values().all(|p| matches!(p.state, PushState::Pushed(_)));
+        if all_pushed && round.participants.len() >= self.config.min_participants {
+            self.commit(now);
+        }
+    }
+
+    fn commit(&mut self, now: Instant) {
+        let round = self.round.take().expect("commit without a round");
+        let count = self.accumulator.pushes();
+        debug_assert_eq!(count, round.participants.len());
+        if count == 0 {
+            self.round = Some(round);
+            self.abort_round();
+            return;
+        }
+        // The sum buffer becomes the next parameters in place; the old
+        // parameters' buffer becomes the next sum unless a pull still holds it.
+        self.outer.step(&self.global, self.accumulator.sum_mut(), count);
+        let fresh = vec![0.0; self.global.len()];
+        let next = self.accumulator.swap_sum(fresh);
+        let old = std::mem::replace(&mut self.global, Arc::new(next));
+        if let Ok(reusable) = Arc::try_unwrap(old) {
+            drop(self.accumulator.swap_sum(reusable));
+        }
+        let base_version = self.version;
+        self.version = Version(self.version.0 + 1);
+        self.committed_rounds += 1;
+
+        let mut tokens = 0u64;
+        let mut weighted_loss = 0.0;
+        let mut eval_loss = None;
+        for (&worker, participant) in &round.participants {
+            if let PushState::Pushed(stats) = participant.state {
+                tokens += stats.tokens;
+                weighted_loss += stats.mean_loss * stats.tokens as f64;
+                eval_loss = eval_loss.or(stats.eval_loss);
+            }
+            self.scheduler.commit(worker);
+        }
+        let wall = now.saturating_duration_since(round.started_at);
+        self.events.push(Event::RoundCommitted(RoundSummary {
+            round: round.id,
+            base_version,
+            new_version: self.version,
+            participants: count,
+            mean_loss: if tokens > 0 { weighted_loss / tokens as f64 } else { 0.0 },
+            tokens,
+            tokens_per_second: tokens as f64 / wall.as_secs_f64().max(1e-9),
+            bytes_pulled: round.bytes_pulled,
+            bytes_pushed: round.bytes_pushed,
+            wall,
+            eval_loss,
+            epoch: self.scheduler.epoch(),
+        }));
+        if self.scheduler.epoch_complete() {
+            self.epochs_completed += 1;
+            self.events.push(Event::EpochCompleted { epoch: self.scheduler.epoch() });
+            self.scheduler.start_next_epoch();
+        }
+        let rounds_done = self.config.max_rounds != 0 && self.committed_rounds >= self.config.max_rounds;
+        let epochs_done = self.config.max_epochs != 0 && self.epochs_completed >= self.config.max_epochs;
+        if rounds_done || epochs_done {
+            self.phase = if self.eval_shards.is_empty() {
+                Phase::Finished
+            } else {
+                Phase::FinalEval { assignee: None }
+            };
+            if matches!(self.phase, Phase::Finished) {
+                self.finish();
+            }
+        } else {
+            self.maybe_start_round(now);
+        }
+    }
+
+    fn finish(&mut self) {
+        self.phase = Phase::Finished;
+        self.events.push(Event::JobFinished {
+            version: self.version,
+            final_eval_loss: self.final_eval_loss,
+            rounds: self.committed_rounds,
+            epochs: self.epochs_completed,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Init;
+
+    fn spec() -> Vec<TensorSpec> {
+        vec![
+            TensorSpec { name: "w".into(), shape: vec![2, 2], init: Init::Zeros },
+            TensorSpec { name: "b".into(), shape: vec![2], init: Init::Zeros },
+        ]
+    }
+
+    fn config() -> EngineConfig {
+        EngineConfig {
+            tensors: spec(),
+            update_dtype: DType::F32,
+            lease: Duration::from_secs(10),
+            round_deadline: Duration::from_secs(60),
+            min_workers: 2,
+            min_participants: 1,
+            max_workers_per_round: 0,
+            shards_per_worker: 1,
+            max_rounds: 0,
+            max_epochs: 1,
+            eval_every: 0,
+            outer: OuterOptimizerConfig::Average,
+            max_chunk_elems: 4,
+            seed: 3,
+        }
+    }
+
+    fn shards(n: u64) -> Vec<ShardInfo> {
+        (0..n).map(|i| ShardInfo { id: ShardId(i), file_name: format!("train-{i}.tok"), num_tokens: 65 }).collect()
+    }
+
+    fn engine(config: EngineConfig, train: u64) -> RoundEngine {
+        let eval = vec![ShardInfo { id: ShardId(1000), file_name: "val-0.tok".into(), num_tokens: 65 }];
+        RoundEngine::new(config, shards(train), eval, vec![1.0; 6]).unwrap()
+    }
+
+    fn header(round: RoundId, version: Version) -> PushHeader {
+        PushHeader {
+            round,
+            base_version: version,
+            dtype: DType::F32,
+            stats: PushStats { mean_loss: 2.0, tokens: 64, train_seconds: 0.1, eval_loss: None, eval_tokens: 0 },
+        }
+    }
+
+    fn values(v: &[f32]) -> FiniteValues {
+        FiniteValues::new(v.to_vec()).unwrap()
+    }
+
+    /// Pushes a whole update of 6 values in the two tensors.
+    fn push_all(e: &mut RoundEngine, w: WorkerId, round: RoundId, delta: [f32; 6], now: Instant) -> Result<PushReceipt, EngineError> {
+        e.begin_push(w, header(round, e.version()), now)?;
+        e.push_chunk(w, 0, 0, values(&delta[..4]), 16)?;
+        e.push_chunk(w, 1, 0, values(&delta[4..]), 8)?;
+        e.finish_push(w, now)
+    }
+
+    fn train_task(e: &mut RoundEngine, w: WorkerId, now: Instant) -> (RoundId, Version, Vec<ShardInfo>) {
+        match e.next_task(w, now).unwrap() {
+            Task::Train { round, version, shards, .. } => (round, version, shards),
+            other => panic!("expected a train task, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_round_commits_the_mean_of_local_parameters() {
+        let t0 = Instant::now();
+        let mut e = engine(config(), 4);
+        let (a, _) = e.join(WorkerInfo::default(), t0);
+        assert_eq!(e.next_task(a, t0).unwrap(), Task::Wait { retry_after: IDLE_RETRY }, "waits for min_workers");
+        let (b, _) = e.join(WorkerInfo::default(), t0);
+        let (round, version, shards_a) = train_task(&mut e, a, t0);
+        let (_, _, shards_b) = train_task(&mut e, b, t0);
+        assert_ne!(shards_a, shards_b);
+        // Locals are global - delta: a moved every value by -1, b by +1... mean stays at 1.
+        push_all(&mut e, a, round, [1.0; 6], t0).unwrap();
+        assert_eq!(e.version(), version, "no commit before every participant pushed");
+        let receipt = push_all(&mut e, b, round, [-3.0; 6], t0).unwrap();
+        assert_eq!(receipt, PushReceipt { round, received: 2, expected: 2 });
+        assert_eq!(e.version(), Version(1));
+        // global - mean(delta) = 1 - (-1) = 2
+        assert_eq!(e.global_params().as_slice(), &[2.0; 6]);
+        let committed = e.drain_events().into_iter().find_map(|ev| match ev {
+            Event::RoundCommitted(s) => Some(s),
+            _ => None,
+        });
+        let summary = committed.expect("a committed round");
+        assert_eq!((summary.participants, summary.tokens, summary.bytes_pushed), (2, 128, 48));
+    }
+
+    #[test]
+    fn every_malformed_push_is_refused_and_undone() {
+        let t0 = Instant::now();
+        let mut e = engine(config(), 4);
+        let (a, _) = e.join(WorkerInfo::default(), t0);
+        let (b, _) = e.join(WorkerInfo::default(), t0);
+        let (round, version, _) = train_task(&mut e, a, t0);
+        train_task(&mut e, b, t0);
+        let ghost = WorkerId(99);
+        assert_eq!(e.begin_push(ghost, header(round, version), t0), Err(EngineError::UnknownWorker(ghost)));
+        assert!(matches!(e.begin_push(a, header(RoundId(7), version), t0), Err(EngineError::StaleRound { .. })));
+        assert!(matches!(e.begin_push(a, header(round, Version(5)), t0), Err(EngineError::StaleVersion { .. })));
+        let mut bf16 = header(round, version);
+        bf16.dtype = DType::Bf16;
+        assert_eq!(e.begin_push(a, bf16, t0), Err(EngineError::WrongDtype { got: DType::Bf16, expected: DType::F32 }));
+        let mut nan_loss = header(round, version);
+        nan_loss.stats.mean_loss = f64::NAN;
+        assert!(matches!(e.begin_push(a, nan_loss, t0), Err(EngineError::InvalidStats(_))));
+        assert_eq!(FiniteValues::new(vec![0.0, f32::NAN]), Err(1));
+
+        // Half a push, then each kind of bad chunk: the sum must not move.
+        let bad_chunks: Vec<(usize, usize, Vec<f32>)> = vec![
+            (5, 0, vec![1.0]),          // unknown tensor
+            (1, 0, vec![1.0]),          // out of order: tensor 0 not finished
+            (0, 3, vec![1.0]),          // out of order: wrong offset
+            (0, 2, vec![1.0; 3]),       // overruns tensor 0
+            (0, 2, vec![1.0; 5]),       // too large
+            (0, 2, vec![]),             // empty
+        ];
+        for (tensor, offset, chunk) in bad_chunks {
+            e.begin_push(a, header(round, version), t0).unwrap();
+            e.push_chunk(a, 0, 0, values(&[100.0, 100.0]), 8).unwrap();
+            let result = e.push_chunk(a, tensor, offset, values(&chunk), chunk.len() * 4);
+            assert!(result.is_err(), "chunk ({tensor}, {offset}, {chunk:?}) accepted");
+            assert_eq!(e.push_chunk(a, 0, 2, values(&[1.0]), 4), Err(EngineError::NoOpenPush(a)), "push closed");
+        }
+        // A push that ends early is refused too.
+        e.begin_push(a, header(round, version), t0).unwrap();
+        e.push_chunk(a, 0, 0, values(&[100.0; 4]), 16).unwrap();
+        assert_eq!(e.finish_push(a, t0), Err(EngineError::IncompletePush { received: 4, expected: 6 }));
+        // A push from a participant whose push is not its own round is refused.
+        // After all that, two good pushes give exactly the clean result.
+        push_all(&mut e, a, round, [0.5; 6], t0).unwrap();
+        assert_eq!(push_all(&mut e, a, round, [0.5; 6], t0), Err(EngineError::AlreadyPushed { worker: a, round }));
+        push_all(&mut e, b, round, [0.5; 6], t0).unwrap();
+        assert_eq!(e.global_params().as_slice(), &[0.5; 6]);
+        let rejected = e.drain_events().iter().filter(|ev| matches!(ev, Event::PushRejected { .. })).count();
+        assert!(rejected >= 10, "{rejected} rejections logged");
+    }
+
+    #[test]
+    fn a_second_push_waits_while_one_is_folding() {
+        let t0 = Instant::now();
+        let mut e = engine(config(), 4);
+        let (a, _) = e.join(WorkerInfo::default(), t0);
+        let (b, _) = e.join(WorkerInfo::default(), t0);
+        let (round, version, _) = train_task(&mut e, a, t0);
+        train_task(&mut e, b, t0);
+        e.begin_push(a, header(round, version), t0).unwrap();
+        assert_eq!(e.begin_push(b, header(round, version), t0), Err(EngineError::PushInProgress));
+        e.abort_push(a, &EngineError::NoOpenPush(a));
+        e.begin_push(b, header(round, version), t0).unwrap();
+    }
+
+    #[test]
+    fn a_lost_worker_returns_its_shards_and_is_replaced() {
+        let t0 = Instant::now();
+        let mut cfg = config();
+        cfg.min_participants = 2;
+        let mut e = engine(cfg, 4);
+        let (a, _) = e.join(WorkerInfo::default(), t0);
+        let (b, _) = e.join(WorkerInfo::default(), t0);
+        let (round, _, _) = train_task(&mut e, a, t0);
+        let (_, _, lost_shards) = train_task(&mut e, b, t0);
+        push_all(&mut e, a, round, [0.0; 6], t0).unwrap();
+        // b stops heartbeating; a keeps going.
+        let t1 = t0 + Duration::from_secs(8);
+        e.heartbeat(a, t1).unwrap();
+        let t2 = t0 + Duration::from_secs(11);
+        e.tick(t2);
+        assert_eq!(e.heartbeat(b, t2), Err(EngineError::UnknownWorker(b)));
+        assert_eq!(e.version(), Version(0), "quorum of 2 not met yet");
+        let (c, _) = e.join(WorkerInfo::default(), t2);
+        let (round_c, _, shards_c) = train_task(&mut e, c, t2);
+        assert_eq!(round_c, round);
+        assert_eq!(shards_c, lost_shards, "the replacement takes over the lost shards");
+        push_all(&mut e, c, round, [0.0; 6], t2).unwrap();
+        assert_eq!(e.version(), Version(1));
+        let used: Vec<WorkerId> = e.ledger().iter().map(|c| c.worker).collect();
+        assert!(used.contains(&a) && used.contains(&c) && !used.contains(&b));
+    }
+
+    #[test]
+    fn the_deadline_commits_with_the_quorum_or_aborts_without_it() {
+        for (min_participants, expect_commit) in [(1, true), (2, false)] {
+            let t0 = Instant::now();
+            let mut cfg = config();
+            cfg.min_participants = min_participants;
+            cfg.lease = Duration::from_secs(100);
+            let mut e = engine(cfg, 4);
+            let (a, _) = e.join(WorkerInfo::default(), t0);
+            let (b, _) = e.join(WorkerInfo::default(), t0);
+            let (round, version, _) = train_task(&mut e, a, t0);
+            train_task(&mut e, b, t0);
+            push_all(&mut e, a, round, [1.0; 6], t0).unwrap();
+            // b is still pushing when the deadline passes.
+            e.begin_push(b, header(round, version), t0).unwrap();
+            e.push_chunk(b, 0, 0, values(&[9.0; 4]), 16).unwrap();
+            let late = t0 + Duration::from_secs(61);
+            e.heartbeat(a, late - Duration::from_secs(5)).unwrap();
+            e.heartbeat(b, late - Duration::from_secs(5)).unwrap();
+            e.tick(late);
+            assert_eq!(e.push_chunk(b, 0, 4, values(&[9.0]), 4), Err(EngineError::NoOpenPush(b)));
+            if expect_commit {
+                assert_eq!(e.version(), Version(1));
+                assert_eq!(e.global_params().as_slice(), &[0.0; 6], "only a's update counts");
+                assert_eq!(e.ledger().len(), 1);
+            } else {
+                assert_eq!(e.version(), Version(0));
+                assert!(e.ledger().is_empty());
+                let events = e.drain_events();
+                assert!(events.iter().any(|ev| matches!(ev, Event::RoundAborted { pushed: 1, needed: 2, returned_shards: 2, .. })));
+            }
+            // Either way a new round starts for the live workers.
+            assert!(e.current_round().is_some_and(|r| r > round));
+            let next = e.next_task(b, late);
+            assert!(matches!(next, Ok(Task::Train { .. })), "{next:?}");
+        }
+    }
+
+    #[test]
+    fn the_job_ends_with_a_final_eval_then_done() {
+        let t0 = Instant::now();
+        let mut e = engine(config(), 2);
+        let (a, _) = e.join(WorkerInfo::default(), t0);
+        let (b, _) = e.join(WorkerInfo::default(), t0);
+        let (round, _, _) = train_task(&mut e, a, t0);
+        train_task(&mut e, b, t0);
+        push_all(&mut e, a, round, [0.0; 6], t0).unwrap();
+        push_all(&mut e, b, round, [0.0; 6], t0).unwrap();
+        // One epoch of two shards is done.
+        let Task::Eval { version, eval_shards } = e.next_task(a, t0).unwrap() else { panic!("expected eval") };
+        assert_eq!((version, eval_shards.len()), (Version(1), 1));
+        assert!(matches!(e.next_task(b, t0), Ok(Task::Wait { .. })));
+        assert_eq!(e.report_eval(b, version, 1.0, 10, t0), Err(EngineError::UnexpectedEval { worker: b, version }));
+        assert!(matches!(e.report_eval(a, version, f64::NAN, 10, t0), Err(EngineError::InvalidStats(_))));
+        e.report_eval(a, version, 1.25, 10, t0).unwrap();
+        assert!(matches!(e.next_task(a, t0), Ok(Task::Done { .. })));
+        assert!(!e.all_workers_released());
+        assert!(matches!(e.next_task(b, t0), Ok(Task::Done { .. })));
+        assert!(e.all_workers_released());
+        let finished = e.drain_events().into_iter().find_map(|ev| match ev {
+            Event::JobFinished { final_eval_loss, epochs, .. } => Some((final_eval_loss, epochs)),
+            _ => None,
+        });
+        assert_eq!(finished, Some((Some(1.25), 1)));
+    }
+
+    #[test]
+    fn invalid_configs_are_refused_with_the_field() {
+        let mut cfg = config();
+        cfg.min_participants = 3;
+        cfg.max_workers_per_round = 2;
+        assert!(matches!(
+            RoundEngine::new(cfg, shards(2), vec![], vec![0.0; 6]),
+            Err(EngineConfigError::ImpossibleQuorum { .. })
+        ));
+        let mut cfg = config();
+        cfg.max_epochs = 0;
+        assert_eq!(RoundEngine::new(cfg, shards(2), vec![], vec![0.0; 6]).err(), Some(EngineConfigError::Endless));
+        assert_eq!(
+            RoundEngine::new(config(), shards(2), vec![], vec![0.0; 5]).err(),
+            Some(EngineConfigError::InitialParams { got: 5, expected: 6 })
+        );
+        assert_eq!(RoundEngine::new(config(), vec![], vec![], vec![0.0; 6]).err(), Some(EngineConfigError::NoShards));
+    }
+}

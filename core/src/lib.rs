@@ -1,0 +1,29 @@
+//! Cohort's decision-making logic, free of IO.
+//!
+//! Nothing in this crate opens a file or socket, spawns a task or reads the
+//! clock: time arrives as a parameter, bytes arrive as slices. That keeps every
+//! rule about rounds, shards and aggregation testable in milliseconds.
+//!
+//! Modules:
+//! - [`ids`]: newtypes for worker, round, shard and version identifiers.
+//! - [`model`]: GPT model configuration and its parameter layout.
+//! - [`params`]: flat parameter buffers, their layout and deterministic init.
+//! - [`codec`]: little-endian f32/bf16 tensor payloads, validated on decode.
+//! - [`aggregate`]: the running sum that pushes fold into, with exact undo.
+//! - [`outer`]: the outer optimizer (averaging, SGD, Nesterov momentum).
+//! - [`scheduler`]: shard leasing with exactly-once consumption per epoch.
+//! - [`engine`]: the round state machine that ties them together.
+//! - [`shard_file`]: the on-disk token shard format (encode/decode of bytes).
+//! - [`rng`]: a small seeded PRNG so that runs are reproducible.
+
+pub mod aggregate;
+pub mod codec;
+pub mod engine;
+
+pub mod ids;
+pub mod model;
+pub mod outer;
+pub mod params;
+pub mod rng;
+pub mod scheduler;
+pub mod shard_file;
