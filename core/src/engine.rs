@@ -130,6 +130,8 @@ pub enum EngineError {
     UnexpectedEval { worker: WorkerId, version: Version },
     #[error("the job has finished")]
     JobFinished,
+    #[error("push stream failed: {0}")]
+    StreamFailed(String),
 }
 
 /// What a worker says about itself when it joins.
@@ -247,7 +249,7 @@ struct WorkerEntry {
 #[derive(Clone, Debug, PartialEq)]
 enum PushState {
     Assigned,
-    Pushing { next_tensor: usize, next_offset: usize, header: PushHeader },
+    Pushing { next_tensor: usize, next_offset: usize, wire_bytes: u64, header: PushHeader },
     Pushed(PushStats),
 }
 
@@ -647,7 +649,7 @@ impl RoundEngine {
         self.accumulator.begin_push().expect("no push open");
         let round = self.round.as_mut().expect("checked");
         round.participants.get_mut(&worker).expect("checked").state =
-            PushState::Pushing { next_tensor: 0, next_offset: 0, header };
+            PushState::Pushing { next_tensor: 0, next_offset: 0, wire_bytes: 0, header };
         Ok(())
     }
 
@@ -722,7 +724,8 @@ impl RoundEngine {
     ) -> Result<(), EngineError> {
         let round = self.round.as_mut().ok_or(EngineError::NoOpenPush(worker))?;
         let participant = round.participants.get_mut(&worker).ok_or(EngineError::NoOpenPush(worker))?;
-        let PushState::Pushing { next_tensor, next_offset, .. } = &mut participant.state else {
+        let PushState::Pushing { next_tensor, next_offset, wire_bytes: push_bytes, .. } = &mut participant.state
+        else {
             return Err(EngineError::NoOpenPush(worker));
         };
         let count = self.layout.tensors().len();
@@ -768,7 +771,7 @@ impl RoundEngine {
             *next_tensor += 1;
             *next_offset = 0;
         }
-        round.bytes_pushed += wire_bytes as u64;
+        *push_bytes += wire_bytes as u64;
         Ok(())
     }
 
@@ -780,7 +783,7 @@ impl RoundEngine {
         let Some(participant) = round.participants.get_mut(&worker) else {
             return Err(EngineError::NoOpenPush(worker));
         };
-        let PushState::Pushing { next_tensor, header, .. } = participant.state else {
+        let PushState::Pushing { next_tensor, header, wire_bytes, .. } = participant.state else {
             return Err(EngineError::NoOpenPush(worker));
         };
         if next_tensor != self.layout.tensors().len() {
@@ -794,6 +797,8 @@ impl RoundEngine {
         }
         self.accumulator.finish_push().expect("every element folded");
         participant.state = PushState::Pushed(header.stats);
+        // Only updates that count are reported as pushed bytes.
+        round.bytes_pushed += wire_bytes;
         let receipt = PushReceipt {
             round: round.id,
             received: round.participants.values().filter(|p| matches!(p.state, PushState::Pushed(_))).count(),

@@ -1,0 +1,21 @@
+//! The Cohort coordinator: owns the global model, leases shards to workers,
+//! aggregates their pushes and publishes new versions over gRPC.
+//!
+//! Modules:
+//! - [`config`]: the job file and its validation into a [`config::JobPlan`].
+//! - [`data`]: `prepare` (text to token shards) and the data manifest.
+//! - [`server`]: runs a job on a bound listener until it ends.
+//! - [`service`]: the tonic service, thin adapters over the engine.
+//! - [`actor`]: the single owner of the round engine, and its handle.
+//! - [`convert`]: wire types to domain types, domain errors to gRPC statuses.
+//! - [`checkpoint`]: safetensors checkpoints and run records.
+//!
+//! It does not link libtorch: it runs on CPU-only hosts.
+
+pub mod actor;
+pub mod checkpoint;
+pub mod config;
+pub mod convert;
+pub mod data;
+pub mod server;
+pub mod service;

@@ -1,0 +1,183 @@
+//! `cohort-coordinator`: prepares data and runs training jobs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use cohort_coordinator::config::JobFile;
+use cohort_coordinator::data::{prepare, PrepareOptions, TokenizerKind};
+use cohort_coordinator::server;
+use tracing::{error, info};
+
+#[derive(Parser, Debug)]
+#[command(name = "cohort-coordinator", version, about = "Cohort training coordinator")]
+struct Cli {
+    /// Log output format.
+    #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs a pretraining job until it finishes (or SIGINT/SIGTERM).
+    Run {
+        /// The job file (TOML).
+        #[arg(long, env = "COHORT_JOB")]
+        job: PathBuf,
+        /// Address to listen on; port 0 picks a free port.
+        #[arg(long, env = "COHORT_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// Write the bound address to this file once listening.
+        #[arg(long, env = "COHORT_ADDR_FILE")]
+        addr_file: Option<PathBuf>,
+        /// Overrides the job file's data_dir.
+        #[arg(long, env = "COHORT_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Overrides the job file's run_dir.
+        #[arg(long, env = "COHORT_RUN_DIR")]
+        run_dir: Option<PathBuf>,
+    },
+    /// Tokenises text files into token shards and a manifest.
+    Prepare {
+        /// Text files or directories (searched for .txt and .md).
+        #[arg(long = "input", required = true, num_args = 1..)]
+        inputs: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value_t = TokenizerKind::Byte)]
+        tokenizer: TokenizerKind,
+        /// The model's context length; shards hold a whole number of windows.
+        #[arg(long, default_value_t = 64)]
+        context_length: u32,
+        /// Approximate tokens per shard.
+        #[arg(long, default_value_t = 16_384)]
+        shard_tokens: u64,
+        /// Every n-th shard is held out for evaluation.
+        #[arg(long, default_value_t = 20)]
+        val_every: usize,
+    },
+}
+
+fn install_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+async fn run_job(
+    job: PathBuf,
+    listen: SocketAddr,
+    addr_file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    run_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    // Everything is validated before a port is bound.
+    let mut file = JobFile::load(&job)?;
+    if let Some(dir) = data_dir {
+        file.data_dir = dir;
+    }
+    if let Some(dir) = run_dir {
+        file.run_dir = dir;
+    }
+    let plan = file.validate()?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let bound = listener.local_addr()?;
+    if let Some(path) = addr_file {
+        cohort_coordinator::data::write_atomically(&path, bound.to_string().as_bytes())
+            .with_context(|| format!("cannot write the address file {}", path.display()))?;
+    }
+    let outcome = server::run(listener, plan, shutdown_signal()).await?;
+    match (&outcome.checkpoint, outcome.final_eval_loss) {
+        (Some(path), Some(loss)) => info!(
+            version = outcome.version.0,
+            final_eval_loss = format_args!("{loss:.4}"),
+            checkpoint = %path.display(),
+            "done"
+        ),
+        (Some(path), None) => info!(version = outcome.version.0, checkpoint = %path.display(), "done"),
+        (None, _) => info!(version = outcome.version.0, "done without a checkpoint"),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    install_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Run { job, listen, addr_file, data_dir, run_dir } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime")
+            .and_then(|runtime| runtime.block_on(run_job(job, listen, addr_file, data_dir, run_dir))),
+        Command::Prepare { inputs, output, tokenizer, context_length, shard_tokens, val_every } => {
+            let options = PrepareOptions {
+                inputs,
+                output: output.clone(),
+                tokenizer,
+                context_length,
+                shard_tokens,
+                val_every,
+                show_progress: true,
+            };
+            prepare(&options).map_err(anyhow::Error::from).map(|manifest| {
+                let train: u64 = manifest.train.iter().map(|s| s.num_tokens).sum();
+                let val: u64 = manifest.val.iter().map(|s| s.num_tokens).sum();
+                info!(
+                    output = %output.display(),
+                    train_shards = manifest.train.len(),
+                    val_shards = manifest.val.len(),
+                    train_tokens = train,
+                    val_tokens = val,
+                    dropped_tokens = manifest.dropped_tokens,
+                    "data prepared"
+                );
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The gRPC service: thin adapters that decode and validate a request, make
+//! one call into the engine, and encode the answer.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cohort_core::codec::{decode_into, DType};
+use cohort_core::engine::{EngineError, FiniteValues};
+use cohort_core::ids::{Version, WorkerId};
+use cohort_core::params::ParamLayout;
+use cohort_proto::v1 as pb;
+use futures::{Stream, StreamExt};
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{instrument, warn};
+
+use crate::actor::EngineHandle;
+use crate::config::JobPlan;
+use crate::convert::{
+    dtype_from_proto, job_spec_to_proto, push_header_from_proto, status_from_codec, status_from_engine,
+    task_to_proto, worker_info_from_proto, worker_id,
+};
+
+pub struct CoordinatorService {
+    engine: EngineHandle,
+    plan: Arc<JobPlan>,
+    job_spec: pb::JobSpec,
+    layout: Arc<ParamLayout>,
+    /// Pushes fold one at a time (see `cohort_core::aggregate`).
+    fold_permit: Arc<Semaphore>,
+}
+
+impl CoordinatorService {
+    pub fn new(engine: EngineHandle, plan: Arc<JobPlan>) -> CoordinatorService {
+        CoordinatorService {
+            job_spec: job_spec_to_proto(&plan),
+            layout: Arc::new(ParamLayout::new(&plan.engine.tensors)),
+            engine,
+            plan,
+            fold_permit: Arc::new(Semaphore::new(1)),
+        }
+    }
+
+    async fn engine_call<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut cohort_core::engine::RoundEngine, std::time::Instant) -> Result<T, EngineError>
+            + Send
+            + 'static,
+    {
+        self.engine.call(f).await?.map_err(|e| status_from_engine(&e))
+    }
+
+    async fn abort_push(&self, worker: WorkerId, reason: EngineError) {
+        let _ = self.engine.call(move |engine, _| engine.abort_push(worker, &reason)).await;
+    }
+
+    /// Receives a push's chunks and folds them; the caller aborts the push on error.
+    async fn receive_push(
+        &self,
+        worker: WorkerId,
+        dtype: DType,
+        stream: &mut Streaming<pb::UpdateChunk>,
+    ) -> Result<pb::PushUpdateResponse, Status> {
+        let chunk_timeout = self.plan.chunk_timeout;
+        let mut values = Vec::new();
+        loop {
+            let message = match tokio::time::timeout(chunk_timeout, stream.next()).await {
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "no chunk for {} ms; push discarded",
+                        chunk_timeout.as_millis()
+                    )))
+                }
+                Ok(None) => break,
+                Ok(Some(Err(status))) => return Err(status),
+                Ok(Some(Ok(message))) => message,
+            };
+            let chunk = match message.kind {
+                Some(pb::update_chunk::Kind::Chunk(chunk)) => chunk,
+                Some(pb::update_chunk::Kind::Header(_)) => {
+                    return Err(Status::invalid_argument("second header inside a push"))
+                }
+                None => return Err(Status::invalid_argument("empty update message")),
+            };
+            let wire_bytes = chunk.data.len();
+            decode_into(dtype, &chunk.data, &mut values).map_err(|e| status_from_codec(&e))?;
+            let finite = FiniteValues::new(std::mem::take(&mut values))
+                .map_err(|index| Status::invalid_argument(format!("value {index} is not finite")))?;
+            let tensor = chunk.tensor_index as usize;
+            let offset = usize::try_from(chunk.offset).map_err(|_| Status::invalid_argument("offset overflows"))?;
+            self.engine_call(move |engine, _| engine.push_chunk(worker, tensor, offset, finite, wire_bytes)).await?;
+        }
+        let receipt = self.engine_call(move |engine, now| engine.finish_push(worker, now)).await?;
+        Ok(pb::PushUpdateResponse {
+            round: receipt.round.0,
+            received: receipt.received as u32,
+            expected: receipt.expected as u32,
+        })
+    }
+}
+
+/// A `Bytes` owner over the published parameters, so pull chunks are slices, not copies.
+struct ParamBytes(Arc<Vec<f32>>);
+
+impl AsRef<[u8]> for ParamBytes {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(self.0.as_slice())
+    }
+}
+
+type PullStream = Pin<Box<dyn Stream<Item = Result<pb::ParamChunk, Status>> + Send>>;
+
+/// Splits the parameters into chunks of at most `max_chunk_bytes`, each within one tensor.
+fn param_chunks(layout: &ParamLayout, params: Arc<Vec<f32>>, version: Version, max_chunk_bytes: usize) -> PullStream {
+    let all = Bytes::from_owner(ParamBytes(params));
+    let per_chunk = (max_chunk_bytes / 4).max(1);
+    let mut pieces = Vec::new();
+    for (index, slot) in layout.tensors().iter().enumerate() {
+        let mut offset = 0;
+        while offset < slot.numel {
+            let len = per_chunk.min(slot.numel - offset);
+            pieces.push((index as u32, offset as u64, (slot.offset + offset) * 4, len * 4));
+            offset += len;
+        }
+    }
+    Box::pin(futures::stream::iter(pieces.into_iter().map(move |(tensor_index, offset, start, len)| {
+        Ok(pb::ParamChunk { version: version.0, tensor_index, offset, data: all.slice(start..start + len) })
+    })))
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorService {
+    #[instrument(skip_all)]
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let info = worker_info_from_proto(request.into_inner().info)?;
+        let (worker, lease) = self.engine.call(move |engine, now| engine.join(info, now)).await?;
+        Ok(Response::new(pb::JoinResponse {
+            worker_id: worker.to_string(),
+            lease_ms: lease.as_millis() as u64,
+            heartbeat_interval_ms: self.plan.heartbeat_interval.as_millis() as u64,
+            job: Some(self.job_spec.clone()),
+        }))
+    }
+
+    #[instrument(skip_all, fields(worker))]
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let worker = worker_id(&request.into_inner().worker_id)?;
+        tracing::Span::current().record("worker", tracing::field::display(worker));
+        let lease = self.engine_call(move |engine, now| engine.heartbeat(worker, now)).await?;
+        Ok(Response::new(pb::HeartbeatResponse { lease_ms: lease.as_millis() as u64 }))
+    }
+
+    #[instrument(skip_all, fields(worker))]
+    async fn next_task(
+        &self,
+        request: Request<pb::NextTaskRequest>,
+    ) -> Result<Response<pb::NextTaskResponse>, Status> {
+        let worker = worker_id(&request.into_inner().worker_id)?;
+        tracing::Span::current().record("worker", tracing::field::display(worker));
+        let task = self.engine_call(move |engine, now| engine.next_task(worker, now)).await?;
+        Ok(Response::new(task_to_proto(task)))
+    }
+
+    type PullParamsStream = PullStream;
+
+    #[instrument(skip_all, fields(worker, version))]
+    async fn pull_params(
+        &self,
+        request: Request<pb::PullParamsRequest>,
+    ) -> Result<Response<Self::PullParamsStream>, Status> {
+        let request = request.into_inner();
+        let worker = worker_id(&request.worker_id)?;
+        let version = Version(request.version);
+        tracing::Span::current().record("worker", tracing::field::display(worker));
+        tracing::Span::current().record("version", version.0);
+        let params = self.engine_call(move |engine, now| engine.pull(worker, version, now)).await?;
+        Ok(Response::new(param_chunks(&self.layout, params, version, self.plan.max_chunk_bytes as usize)))
+    }
+
+    #[instrument(skip_all, fields(worker, round))]
+    async fn push_update(
+        &self,
+        request: Request<Streaming<pb::UpdateChunk>>,
+    ) -> Result<Response<pb::PushUpdateResponse>, Status> {
+        let mut stream = request.into_inner();
+        let first = tokio::time::timeout(self.plan.chunk_timeout, stream.next())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no push header arrived"))?
+            .ok_or_else(|| Status::invalid_argument("empty push"))??;
+        let Some(pb::update_chunk::Kind::Header(header)) = first.kind else {
+            return Err(Status::invalid_argument("a push must start with its header"));
+        };
+        dtype_from_proto(header.dtype)?;
+        let (worker, header) = push_header_from_proto(header)?;
+        tracing::Span::current().record("worker", tracing::field::display(worker));
+        tracing::Span::current().record("round", header.round.0);
+        let _permit = self
+            .fold_permit
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+        self.engine_call(move |engine, now| engine.begin_push(worker, header, now)).await?;
+        match self.receive_push(worker, header.dtype, &mut stream).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(status) => {
+                warn!(code = ?status.code(), message = status.message(), "push discarded");
+                self.abort_push(worker, EngineError::StreamFailed(status.message().to_string())).await;
+                Err(status)
+            }
+        }
+    }
+
+    #[instrument(skip_all, fields(worker))]
+    async fn report_eval(
+        &self,
+        request: Request<pb::ReportEvalRequest>,
+    ) -> Result<Response<pb::ReportEvalResponse>, Status> {
+        let request = request.into_inner();
+        let worker = worker_id(&request.worker_id)?;
+        let (version, loss, tokens) = (Version(request.version), request.loss, request.tokens);
+        self.engine_call(move |engine, now| engine.report_eval(worker, version, loss, tokens, now)).await?;
+        Ok(Response::new(pb::ReportEvalResponse {}))
+    }
+}
+
