@@ -49,8 +49,13 @@ impl EngineHandle {
         let call: EngineCall = Box::new(move |engine, now| {
             let _ = reply.send(f(engine, now));
         });
-        self.calls.send(call).await.map_err(|_| Status::unavailable("coordinator is shutting down"))?;
-        answer.await.map_err(|_| Status::unavailable("coordinator is shutting down"))
+        self.calls
+            .send(call)
+            .await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))
     }
 }
 
@@ -126,7 +131,12 @@ impl RunRecords {
             .open(plan.run_dir.join("metrics.jsonl"))
             .map_err(|e| error!(error = %e, "cannot open metrics.jsonl; per-round metrics will only be logged"))
             .ok();
-        RunRecords { plan, metrics, final_eval_loss: None, last_checkpoint: None }
+        RunRecords {
+            plan,
+            metrics,
+            final_eval_loss: None,
+            last_checkpoint: None,
+        }
     }
 
     fn append_metrics(&mut self, line: serde_json::Value) {
@@ -143,27 +153,69 @@ impl RunRecords {
             Event::WorkerJoined { worker, info } => {
                 info!(worker = %worker, host = %info.hostname, device = %info.device, "worker joined")
             }
-            Event::WorkerExpired { worker, returned_shards } => {
+            Event::WorkerExpired {
+                worker,
+                returned_shards,
+            } => {
                 warn!(worker = %worker, returned_shards = returned_shards.len(), "worker lease expired")
             }
-            Event::RoundStarted { round, version, participants, shards } => {
-                info!(round = round.0, version = version.0, participants, shards, "round started")
+            Event::RoundStarted {
+                round,
+                version,
+                participants,
+                shards,
+            } => {
+                info!(
+                    round = round.0,
+                    version = version.0,
+                    participants,
+                    shards,
+                    "round started"
+                )
             }
-            Event::PushRejected { worker, round, reason } => {
+            Event::PushRejected {
+                worker,
+                round,
+                reason,
+            } => {
                 warn!(worker = %worker, round = round.map(|r| r.0), reason = %reason, "push rejected")
             }
             Event::RoundCommitted(summary) => self.on_commit(&summary),
-            Event::RoundAborted { round, pushed, needed, returned_shards } => {
-                warn!(round = round.0, pushed, needed, returned_shards, "round aborted at its deadline")
+            Event::RoundAborted {
+                round,
+                pushed,
+                needed,
+                returned_shards,
+            } => {
+                warn!(
+                    round = round.0,
+                    pushed, needed, returned_shards, "round aborted at its deadline"
+                )
             }
-            Event::EpochCompleted { epoch } => info!(epoch, "epoch complete: every training shard used once"),
-            Event::EvalReported { version, loss, tokens } => {
-                info!(version = version.0, loss, tokens, "held-out loss of the final version")
+            Event::EpochCompleted { epoch } => {
+                info!(epoch, "epoch complete: every training shard used once")
             }
-            Event::JobFinished { version, final_eval_loss, rounds, epochs } => {
+            Event::EvalReported {
+                version,
+                loss,
+                tokens,
+            } => {
+                info!(
+                    version = version.0,
+                    loss, tokens, "held-out loss of the final version"
+                )
+            }
+            Event::JobFinished {
+                version,
+                final_eval_loss,
+                rounds,
+                epochs,
+            } => {
                 self.final_eval_loss = final_eval_loss;
                 let checkpoint = self.checkpoint(engine);
-                let checkpoint_text = checkpoint.as_ref().map_or("none".to_string(), |p| p.display().to_string());
+                let checkpoint_text = checkpoint
+                    .as_ref()
+                    .map_or("none".to_string(), |p| p.display().to_string());
                 info!(
                     version = version.0,
                     rounds,
@@ -191,7 +243,10 @@ impl RunRecords {
             version = s.new_version.0,
             workers = s.participants,
             loss = format_args!("{:.4}", s.mean_loss),
-            eval_loss = s.eval_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+            eval_loss = s
+                .eval_loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "-".into()),
             tokens_per_s = format_args!("{:.0}", s.tokens_per_second),
             bytes_moved,
             wall_s = format_args!("{:.2}", s.wall.as_secs_f64()),

@@ -18,7 +18,10 @@ pub enum CheckpointError {
     #[error(transparent)]
     Write(#[from] DataError),
     #[error("serialising {what}: {source}")]
-    Json { what: &'static str, source: serde_json::Error },
+    Json {
+        what: &'static str,
+        source: serde_json::Error,
+    },
 }
 
 /// The file name of the checkpoint for `version`.
@@ -40,7 +43,8 @@ pub fn write_params(
         .iter()
         .map(|slot| {
             let data = &bytes[slot.offset * 4..(slot.offset + slot.numel) * 4];
-            TensorView::new(Dtype::F32, slot.shape.clone(), data).map(|view| (slot.name.clone(), view))
+            TensorView::new(Dtype::F32, slot.shape.clone(), data)
+                .map(|view| (slot.name.clone(), view))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let serialized = safetensors::tensor::serialize(views, Some(metadata))?;
@@ -50,7 +54,10 @@ pub fn write_params(
 
 /// Writes the shard ledger: which shard each round consumed, per epoch.
 pub fn write_ledger(path: &Path, ledger: &[Consumption]) -> Result<(), CheckpointError> {
-    let json = serde_json::to_vec_pretty(ledger).map_err(|source| CheckpointError::Json { what: "ledger", source })?;
+    let json = serde_json::to_vec_pretty(ledger).map_err(|source| CheckpointError::Json {
+        what: "ledger",
+        source,
+    })?;
     write_atomically(path, &json)?;
     Ok(())
 }
@@ -77,7 +84,10 @@ mod tests {
             let view = loaded.tensor(&slot.name).unwrap();
             assert_eq!(view.shape(), slot.shape.as_slice());
             let values: Vec<f32> = bytemuck::pod_collect_to_vec(view.data());
-            assert_eq!(values.as_slice(), &params[slot.offset..slot.offset + slot.numel]);
+            assert_eq!(
+                values.as_slice(),
+                &params[slot.offset..slot.offset + slot.numel]
+            );
         }
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(meta.metadata().as_ref().unwrap()["version"], "3");

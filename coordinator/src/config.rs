@@ -159,17 +159,29 @@ impl Default for ClusterSection {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read job file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("job file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("job file: {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("data directory {path}: {source}")]
-    Data { path: PathBuf, source: crate::data::DataError },
+    Data {
+        path: PathBuf,
+        source: crate::data::DataError,
+    },
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, message: message.into() }
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
 }
 
 /// A validated job: everything the coordinator needs, checked against the data on disk.
@@ -193,14 +205,18 @@ pub struct JobPlan {
 
 impl JobFile {
     pub fn load(path: &Path) -> Result<JobFile, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<JobFile, ConfigError> {
-        let mut job: JobFile = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let mut job: JobFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         if job.data_dir.is_relative() {
             job.data_dir = base.join(&job.data_dir);
@@ -213,8 +229,12 @@ impl JobFile {
 
     pub fn model_config(&self) -> ModelConfig {
         match &self.model {
-            ModelSection::Preset { preset: ModelPreset::Tiny } => ModelConfig::tiny_byte_level(),
-            ModelSection::Preset { preset: ModelPreset::Gpt2Small } => ModelConfig::gpt2_small(),
+            ModelSection::Preset {
+                preset: ModelPreset::Tiny,
+            } => ModelConfig::tiny_byte_level(),
+            ModelSection::Preset {
+                preset: ModelPreset::Gpt2Small,
+            } => ModelConfig::gpt2_small(),
             ModelSection::Explicit(config) => config.clone(),
         }
     }
@@ -225,7 +245,9 @@ impl JobFile {
             return Err(invalid("name", "must not be empty"));
         }
         let model = self.model_config();
-        model.validate().map_err(|e| invalid("model", e.to_string()))?;
+        model
+            .validate()
+            .map_err(|e| invalid("model", e.to_string()))?;
         let t = &self.train;
         if t.inner_steps == 0 {
             return Err(invalid("train.inner_steps", "must be at least 1"));
@@ -237,11 +259,17 @@ impl JobFile {
             return Err(invalid("train.shards_per_worker", "must be at least 1"));
         }
         if t.rounds == 0 && t.epochs == 0 {
-            return Err(invalid("train.rounds", "set train.rounds or train.epochs, or the job never ends"));
+            return Err(invalid(
+                "train.rounds",
+                "set train.rounds or train.epochs, or the job never ends",
+            ));
         }
         let i = &self.inner;
         if !(i.lr.is_finite() && i.lr > 0.0) {
-            return Err(invalid("inner.lr", format!("must be positive, got {}", i.lr)));
+            return Err(invalid(
+                "inner.lr",
+                format!("must be positive, got {}", i.lr),
+            ));
         }
         for (field, value) in [("inner.beta1", i.beta1), ("inner.beta2", i.beta2)] {
             if !(0.0..1.0).contains(&value) {
@@ -249,15 +277,26 @@ impl JobFile {
             }
         }
         if !(i.eps.is_finite() && i.eps > 0.0) {
-            return Err(invalid("inner.eps", format!("must be positive, got {}", i.eps)));
+            return Err(invalid(
+                "inner.eps",
+                format!("must be positive, got {}", i.eps),
+            ));
         }
         if !(i.weight_decay.is_finite() && i.weight_decay >= 0.0) {
-            return Err(invalid("inner.weight_decay", format!("must be non-negative, got {}", i.weight_decay)));
+            return Err(invalid(
+                "inner.weight_decay",
+                format!("must be non-negative, got {}", i.weight_decay),
+            ));
         }
         if !(i.grad_clip.is_finite() && i.grad_clip >= 0.0) {
-            return Err(invalid("inner.grad_clip", format!("must be non-negative (0 disables), got {}", i.grad_clip)));
+            return Err(invalid(
+                "inner.grad_clip",
+                format!("must be non-negative (0 disables), got {}", i.grad_clip),
+            ));
         }
-        self.outer.validate().map_err(|e| invalid("outer", e.to_string()))?;
+        self.outer
+            .validate()
+            .map_err(|e| invalid("outer", e.to_string()))?;
         let c = &self.cluster;
         if c.min_workers == 0 {
             return Err(invalid("cluster.min_workers", "must be at least 1"));
@@ -274,13 +313,21 @@ impl JobFile {
                 ),
             ));
         }
-        if c.min_participants > c.min_workers.max(c.max_workers_per_round) && c.max_workers_per_round != 0 {
-            return Err(invalid("cluster.min_participants", "exceeds the workers a round can have"));
+        if c.min_participants > c.min_workers.max(c.max_workers_per_round)
+            && c.max_workers_per_round != 0
+        {
+            return Err(invalid(
+                "cluster.min_participants",
+                "exceeds the workers a round can have",
+            ));
         }
         if c.heartbeat_ms == 0 || c.heartbeat_ms >= c.lease_ms {
             return Err(invalid(
                 "cluster.heartbeat_ms",
-                format!("must be positive and below lease_ms ({}), got {}", c.lease_ms, c.heartbeat_ms),
+                format!(
+                    "must be positive and below lease_ms ({}), got {}",
+                    c.lease_ms, c.heartbeat_ms
+                ),
             ));
         }
         if c.round_deadline_ms == 0 {
@@ -292,12 +339,17 @@ impl JobFile {
         if !(1024..=4 * 1024 * 1024 - 64 * 1024).contains(&c.max_chunk_bytes) {
             return Err(invalid(
                 "cluster.max_chunk_bytes",
-                format!("must be between 1 KiB and 4 MiB - 64 KiB (gRPC's message limit), got {}", c.max_chunk_bytes),
+                format!(
+                    "must be between 1 KiB and 4 MiB - 64 KiB (gRPC's message limit), got {}",
+                    c.max_chunk_bytes
+                ),
             ));
         }
 
-        let manifest = DataManifest::load(&self.data_dir)
-            .map_err(|source| ConfigError::Data { path: self.data_dir.clone(), source })?;
+        let manifest = DataManifest::load(&self.data_dir).map_err(|source| ConfigError::Data {
+            path: self.data_dir.clone(),
+            source,
+        })?;
         if manifest.vocab_size > model.vocab_size {
             return Err(invalid(
                 "model.vocab_size",

@@ -42,14 +42,17 @@ pub fn status_from_codec(error: &CodecError) -> Status {
 }
 
 pub fn worker_id(text: &str) -> Result<WorkerId, Status> {
-    WorkerId::parse(text).ok_or_else(|| Status::invalid_argument(format!("malformed worker id {text:?}")))
+    WorkerId::parse(text)
+        .ok_or_else(|| Status::invalid_argument(format!("malformed worker id {text:?}")))
 }
 
 pub fn dtype_from_proto(value: i32) -> Result<DType, Status> {
     match pb::DType::try_from(value) {
         Ok(pb::DType::DtypeF32) => Ok(DType::F32),
         Ok(pb::DType::DtypeBf16) => Ok(DType::Bf16),
-        _ => Err(Status::invalid_argument(format!("unknown or unspecified dtype {value}"))),
+        _ => Err(Status::invalid_argument(format!(
+            "unknown or unspecified dtype {value}"
+        ))),
     }
 }
 
@@ -62,12 +65,18 @@ pub fn dtype_to_proto(dtype: DType) -> pb::DType {
 
 pub fn worker_info_from_proto(info: Option<pb::WorkerInfo>) -> Result<WorkerInfo, Status> {
     let info = info.ok_or_else(|| Status::invalid_argument("join request without worker info"))?;
-    Ok(WorkerInfo { hostname: info.hostname, device: info.device, device_memory_bytes: info.device_memory_bytes })
+    Ok(WorkerInfo {
+        hostname: info.hostname,
+        device: info.device,
+        device_memory_bytes: info.device_memory_bytes,
+    })
 }
 
 pub fn push_header_from_proto(header: pb::PushHeader) -> Result<(WorkerId, PushHeader), Status> {
     let worker = worker_id(&header.worker_id)?;
-    let stats = header.stats.ok_or_else(|| Status::invalid_argument("push header without stats"))?;
+    let stats = header
+        .stats
+        .ok_or_else(|| Status::invalid_argument("push header without stats"))?;
     Ok((
         worker,
         PushHeader {
@@ -86,24 +95,39 @@ pub fn push_header_from_proto(header: pb::PushHeader) -> Result<(WorkerId, PushH
 }
 
 fn shard_to_proto(shard: ShardInfo) -> pb::ShardRef {
-    pb::ShardRef { shard_id: shard.id.0, file_name: shard.file_name, num_tokens: shard.num_tokens }
+    pb::ShardRef {
+        shard_id: shard.id.0,
+        file_name: shard.file_name,
+        num_tokens: shard.num_tokens,
+    }
 }
 
 pub fn task_to_proto(task: Task) -> pb::NextTaskResponse {
     use pb::next_task_response::Task as T;
     let task = match task {
-        Task::Train { round, version, shards, eval_shards, deadline_in } => T::Train(pb::TrainTask {
+        Task::Train {
+            round,
+            version,
+            shards,
+            eval_shards,
+            deadline_in,
+        } => T::Train(pb::TrainTask {
             round: round.0,
             version: version.0,
             shards: shards.into_iter().map(shard_to_proto).collect(),
             eval_shards: eval_shards.into_iter().map(shard_to_proto).collect(),
             deadline_ms: deadline_in.as_millis() as u64,
         }),
-        Task::Eval { version, eval_shards } => T::Eval(pb::EvalTask {
+        Task::Eval {
+            version,
+            eval_shards,
+        } => T::Eval(pb::EvalTask {
             version: version.0,
             eval_shards: eval_shards.into_iter().map(shard_to_proto).collect(),
         }),
-        Task::Wait { retry_after } => T::Wait(pb::WaitTask { retry_after_ms: retry_after.as_millis() as u64 }),
+        Task::Wait { retry_after } => T::Wait(pb::WaitTask {
+            retry_after_ms: retry_after.as_millis() as u64,
+        }),
         Task::Done { reason } => T::Done(pb::DoneTask { reason }),
     };
     pb::NextTaskResponse { task: Some(task) }
@@ -142,7 +166,10 @@ pub fn job_spec_to_proto(plan: &JobPlan) -> pb::JobSpec {
             .engine
             .tensors
             .iter()
-            .map(|t| pb::TensorSpec { name: t.name.clone(), shape: t.shape.iter().map(|&d| d as u64).collect() })
+            .map(|t| pb::TensorSpec {
+                name: t.name.clone(),
+                shape: t.shape.iter().map(|&d| d as u64).collect(),
+            })
             .collect(),
         tokenizer: match plan.tokenizer {
             TokenizerKind::Byte => pb::Tokenizer::Byte,

@@ -74,7 +74,10 @@ pub enum DataError {
     #[error("shard {file}: {message}")]
     Shard { file: String, message: String },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no input text found in {0:?}")]
     NoInput(Vec<PathBuf>),
     #[error("{0}")]
@@ -82,34 +85,51 @@ pub enum DataError {
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
-    move |source| DataError::Io { path: path.to_owned(), source }
+    move |source| DataError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 impl DataManifest {
     /// Loads the manifest and checks every shard's header against it.
     pub fn load(dir: &Path) -> Result<DataManifest, DataError> {
-        let text = std::fs::read_to_string(dir.join(MANIFEST)).map_err(DataError::MissingManifest)?;
+        let text =
+            std::fs::read_to_string(dir.join(MANIFEST)).map_err(DataError::MissingManifest)?;
         let manifest: DataManifest = serde_json::from_str(&text).map_err(DataError::BadManifest)?;
         if manifest.train.is_empty() {
-            return Err(DataError::Invalid("the manifest lists no training shards".into()));
+            return Err(DataError::Invalid(
+                "the manifest lists no training shards".into(),
+            ));
         }
         for shard in manifest.train.iter().chain(&manifest.val) {
-            let shard_error = |message: String| DataError::Shard { file: shard.file_name.clone(), message };
+            let shard_error = |message: String| DataError::Shard {
+                file: shard.file_name.clone(),
+                message,
+            };
             let path = dir.join(&shard.file_name);
             let mut header = [0u8; shard_file::HEADER_LEN];
             let mut file = std::fs::File::open(&path).map_err(|e| shard_error(e.to_string()))?;
-            std::io::Read::read_exact(&mut file, &mut header).map_err(|e| shard_error(e.to_string()))?;
-            let header = shard_file::decode_header(&header).map_err(|e| shard_error(e.to_string()))?;
+            std::io::Read::read_exact(&mut file, &mut header)
+                .map_err(|e| shard_error(e.to_string()))?;
+            let header =
+                shard_file::decode_header(&header).map_err(|e| shard_error(e.to_string()))?;
             if header.num_tokens != shard.num_tokens || header.vocab_size != manifest.vocab_size {
                 return Err(shard_error(format!(
                     "header says {} tokens (vocabulary {}), the manifest {} (vocabulary {})",
                     header.num_tokens, header.vocab_size, shard.num_tokens, manifest.vocab_size
                 )));
             }
-            let expected_len = shard_file::HEADER_LEN as u64 + header.num_tokens * header.token_bytes as u64;
-            let actual_len = file.metadata().map_err(|e| shard_error(e.to_string()))?.len();
+            let expected_len =
+                shard_file::HEADER_LEN as u64 + header.num_tokens * header.token_bytes as u64;
+            let actual_len = file
+                .metadata()
+                .map_err(|e| shard_error(e.to_string()))?
+                .len();
             if actual_len != expected_len {
-                return Err(shard_error(format!("file is {actual_len} bytes, expected {expected_len}")));
+                return Err(shard_error(format!(
+                    "file is {actual_len} bytes, expected {expected_len}"
+                )));
             }
         }
         Ok(manifest)
@@ -119,7 +139,11 @@ impl DataManifest {
         self.train
             .iter()
             .enumerate()
-            .map(|(i, s)| ShardInfo { id: ShardId(i as u64), file_name: s.file_name.clone(), num_tokens: s.num_tokens })
+            .map(|(i, s)| ShardInfo {
+                id: ShardId(i as u64),
+                file_name: s.file_name.clone(),
+                num_tokens: s.num_tokens,
+            })
             .collect()
     }
 
@@ -182,13 +206,19 @@ fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, DataError> {
 /// Tokenises the inputs into shard files and a manifest in `options.output`.
 pub fn prepare(options: &PrepareOptions) -> Result<DataManifest, DataError> {
     if options.context_length == 0 {
-        return Err(DataError::Invalid("--context-length must be at least 1".into()));
+        return Err(DataError::Invalid(
+            "--context-length must be at least 1".into(),
+        ));
     }
     if options.val_every < 2 {
         return Err(DataError::Invalid("--val-every must be at least 2".into()));
     }
     let files = collect_inputs(&options.inputs)?;
-    let total_bytes: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let total_bytes: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
     let progress = if options.show_progress {
         indicatif::ProgressBar::new(total_bytes)
     } else {
@@ -242,10 +272,24 @@ pub fn prepare(options: &PrepareOptions) -> Result<DataManifest, DataError> {
     let any_held_out = (0..shards.len()).any(held_out);
     for (i, shard) in shards.iter().enumerate() {
         let is_val = held_out(i) || (!any_held_out && i == shards.len() - 1);
-        let list = if is_val { &mut manifest.val } else { &mut manifest.train };
-        let file_name = format!("{}-{:05}.tok", if is_val { "val" } else { "train" }, list.len());
-        write_atomically(&options.output.join(&file_name), &shard_file::encode(shard, vocab))?;
-        list.push(ManifestShard { file_name, num_tokens: shard.len() as u64 });
+        let list = if is_val {
+            &mut manifest.val
+        } else {
+            &mut manifest.train
+        };
+        let file_name = format!(
+            "{}-{:05}.tok",
+            if is_val { "val" } else { "train" },
+            list.len()
+        );
+        write_atomically(
+            &options.output.join(&file_name),
+            &shard_file::encode(shard, vocab),
+        )?;
+        list.push(ManifestShard {
+            file_name,
+            num_tokens: shard.len() as u64,
+        });
     }
     let json = serde_json::to_vec_pretty(&manifest).map_err(DataError::BadManifest)?;
     write_atomically(&options.output.join(MANIFEST), &json)?;
@@ -287,10 +331,17 @@ mod tests {
     #[test]
     fn byte_shards_hold_the_text_in_order_with_a_held_out_split() {
         let dir = tempfile::tempdir().unwrap();
-        let text: String = (0..300).map(|i| format!("line {i} of the corpus. ")).collect();
+        let text: String = (0..300)
+            .map(|i| format!("line {i} of the corpus. "))
+            .collect();
         std::fs::write(dir.path().join("a.txt"), &text).unwrap();
         let out = dir.path().join("data");
-        let manifest = prepare(&options(dir.path().join("a.txt"), out.clone(), TokenizerKind::Byte)).unwrap();
+        let manifest = prepare(&options(
+            dir.path().join("a.txt"),
+            out.clone(),
+            TokenizerKind::Byte,
+        ))
+        .unwrap();
         assert!(!manifest.val.is_empty() && manifest.train.len() > manifest.val.len());
         assert_eq!(DataManifest::load(&out).unwrap(), manifest);
         // Train and val shards interleave in the original order: rebuild the text.
@@ -299,24 +350,35 @@ mod tests {
         for i in 0..manifest.train.len() + manifest.val.len() {
             let shard = if i % 4 == 3 { val.next() } else { train.next() }.unwrap();
             assert_eq!((shard.num_tokens - 1) % 16, 0, "shards hold k*T+1 tokens");
-            let (_, tokens) = shard_file::decode(&std::fs::read(out.join(&shard.file_name)).unwrap()).unwrap();
+            let (_, tokens) =
+                shard_file::decode(&std::fs::read(out.join(&shard.file_name)).unwrap()).unwrap();
             rebuilt.extend(tokens.iter().map(|&t| t as u8));
         }
         let original = format!("{text}\n\n");
-        assert_eq!(rebuilt.len() as u64 + manifest.dropped_tokens, original.len() as u64);
+        assert_eq!(
+            rebuilt.len() as u64 + manifest.dropped_tokens,
+            original.len() as u64
+        );
         assert_eq!(&original.as_bytes()[..rebuilt.len()], &rebuilt[..]);
     }
 
     #[test]
     fn gpt2_tokens_round_trip_through_the_bpe() {
         let dir = tempfile::tempdir().unwrap();
-        let text = "We the People of the United States, in Order to form a more perfect Union. ".repeat(40);
+        let text = "We the People of the United States, in Order to form a more perfect Union. "
+            .repeat(40);
         std::fs::write(dir.path().join("a.txt"), &text).unwrap();
         let out = dir.path().join("data");
-        let manifest = prepare(&options(dir.path().join("a.txt"), out.clone(), TokenizerKind::Gpt2)).unwrap();
+        let manifest = prepare(&options(
+            dir.path().join("a.txt"),
+            out.clone(),
+            TokenizerKind::Gpt2,
+        ))
+        .unwrap();
         assert_eq!(manifest.vocab_size, 50_257);
         let (header, tokens) =
-            shard_file::decode(&std::fs::read(out.join(&manifest.train[0].file_name)).unwrap()).unwrap();
+            shard_file::decode(&std::fs::read(out.join(&manifest.train[0].file_name)).unwrap())
+                .unwrap();
         assert_eq!(header.token_bytes, 2);
         let decoded = tiktoken_rs::r50k_base_singleton().decode(&tokens).unwrap();
         assert!(text.starts_with(&decoded), "{decoded:?}");
@@ -327,7 +389,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.txt"), "x".repeat(2000)).unwrap();
         let out = dir.path().join("data");
-        let manifest = prepare(&options(dir.path().join("a.txt"), out.clone(), TokenizerKind::Byte)).unwrap();
+        let manifest = prepare(&options(
+            dir.path().join("a.txt"),
+            out.clone(),
+            TokenizerKind::Byte,
+        ))
+        .unwrap();
         let victim = out.join(&manifest.train[1].file_name);
         let bytes = std::fs::read(&victim).unwrap();
         std::fs::write(&victim, &bytes[..bytes.len() - 1]).unwrap();
@@ -339,9 +406,19 @@ mod tests {
     fn too_little_text_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.txt"), "tiny").unwrap();
-        let err = prepare(&options(dir.path().join("a.txt"), dir.path().join("d"), TokenizerKind::Byte)).unwrap_err();
+        let err = prepare(&options(
+            dir.path().join("a.txt"),
+            dir.path().join("d"),
+            TokenizerKind::Byte,
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("need at least 2"), "{err}");
-        let err = prepare(&options(dir.path().join("missing"), dir.path().join("d"), TokenizerKind::Byte)).unwrap_err();
+        let err = prepare(&options(
+            dir.path().join("missing"),
+            dir.path().join("d"),
+            TokenizerKind::Byte,
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
     }
 }

@@ -12,7 +12,11 @@ use cohort_coordinator::server;
 use tracing::{error, info};
 
 #[derive(Parser, Debug)]
-#[command(name = "cohort-coordinator", version, about = "Cohort training coordinator")]
+#[command(
+    name = "cohort-coordinator",
+    version,
+    about = "Cohort training coordinator"
+)]
 struct Cli {
     /// Log output format.
     #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -72,10 +76,16 @@ enum Command {
 fn install_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }
 
@@ -132,7 +142,9 @@ async fn run_job(
             checkpoint = %path.display(),
             "done"
         ),
-        (Some(path), None) => info!(version = outcome.version.0, checkpoint = %path.display(), "done"),
+        (Some(path), None) => {
+            info!(version = outcome.version.0, checkpoint = %path.display(), "done")
+        }
         (None, _) => info!(version = outcome.version.0, "done without a checkpoint"),
     }
     Ok(())
@@ -142,12 +154,27 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     install_tracing(cli.log_format);
     let result = match cli.command {
-        Command::Run { job, listen, addr_file, data_dir, run_dir } => tokio::runtime::Builder::new_multi_thread()
+        Command::Run {
+            job,
+            listen,
+            addr_file,
+            data_dir,
+            run_dir,
+        } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("cannot start the tokio runtime")
-            .and_then(|runtime| runtime.block_on(run_job(job, listen, addr_file, data_dir, run_dir))),
-        Command::Prepare { inputs, output, tokenizer, context_length, shard_tokens, val_every } => {
+            .and_then(|runtime| {
+                runtime.block_on(run_job(job, listen, addr_file, data_dir, run_dir))
+            }),
+        Command::Prepare {
+            inputs,
+            output,
+            tokenizer,
+            context_length,
+            shard_tokens,
+            val_every,
+        } => {
             let options = PrepareOptions {
                 inputs,
                 output: output.clone(),
@@ -157,19 +184,21 @@ fn main() -> ExitCode {
                 val_every,
                 show_progress: true,
             };
-            prepare(&options).map_err(anyhow::Error::from).map(|manifest| {
-                let train: u64 = manifest.train.iter().map(|s| s.num_tokens).sum();
-                let val: u64 = manifest.val.iter().map(|s| s.num_tokens).sum();
-                info!(
-                    output = %output.display(),
-                    train_shards = manifest.train.len(),
-                    val_shards = manifest.val.len(),
-                    train_tokens = train,
-                    val_tokens = val,
-                    dropped_tokens = manifest.dropped_tokens,
-                    "data prepared"
-                );
-            })
+            prepare(&options)
+                .map_err(anyhow::Error::from)
+                .map(|manifest| {
+                    let train: u64 = manifest.train.iter().map(|s| s.num_tokens).sum();
+                    let val: u64 = manifest.val.iter().map(|s| s.num_tokens).sum();
+                    info!(
+                        output = %output.display(),
+                        train_shards = manifest.train.len(),
+                        val_shards = manifest.val.len(),
+                        train_tokens = train,
+                        val_tokens = val,
+                        dropped_tokens = manifest.dropped_tokens,
+                        "data prepared"
+                    );
+                })
         }
     };
     match result {

@@ -24,7 +24,10 @@ pub const HTTP2_MAX_FRAME_SIZE: u32 = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot create run directory {path}: {source}")]
-    RunDir { path: std::path::PathBuf, source: std::io::Error },
+    RunDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid engine configuration: {0}")]
     Engine(#[from] cohort_core::engine::EngineConfigError),
     #[error("gRPC server failed: {0}")]
@@ -40,8 +43,10 @@ pub async fn run(
     plan: JobPlan,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<JobOutcome, ServeError> {
-    std::fs::create_dir_all(&plan.run_dir)
-        .map_err(|source| ServeError::RunDir { path: plan.run_dir.clone(), source })?;
+    std::fs::create_dir_all(&plan.run_dir).map_err(|source| ServeError::RunDir {
+        path: plan.run_dir.clone(),
+        source,
+    })?;
     let params = init_params(&plan.engine.tensors, plan.engine.seed);
     let engine = RoundEngine::new(
         plan.engine.clone(),

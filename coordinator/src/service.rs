@@ -18,8 +18,8 @@ use tracing::{instrument, warn};
 use crate::actor::EngineHandle;
 use crate::config::JobPlan;
 use crate::convert::{
-    dtype_from_proto, job_spec_to_proto, push_header_from_proto, status_from_codec, status_from_engine,
-    task_to_proto, worker_info_from_proto, worker_id,
+    dtype_from_proto, job_spec_to_proto, push_header_from_proto, status_from_codec,
+    status_from_engine, task_to_proto, worker_id, worker_info_from_proto,
 };
 
 pub struct CoordinatorService {
@@ -45,15 +45,24 @@ impl CoordinatorService {
     async fn engine_call<T, F>(&self, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
-        F: FnOnce(&mut cohort_core::engine::RoundEngine, std::time::Instant) -> Result<T, EngineError>
+        F: FnOnce(
+                &mut cohort_core::engine::RoundEngine,
+                std::time::Instant,
+            ) -> Result<T, EngineError>
             + Send
             + 'static,
     {
-        self.engine.call(f).await?.map_err(|e| status_from_engine(&e))
+        self.engine
+            .call(f)
+            .await?
+            .map_err(|e| status_from_engine(&e))
     }
 
     async fn abort_push(&self, worker: WorkerId, reason: EngineError) {
-        let _ = self.engine.call(move |engine, _| engine.abort_push(worker, &reason)).await;
+        let _ = self
+            .engine
+            .call(move |engine, _| engine.abort_push(worker, &reason))
+            .await;
     }
 
     /// Receives a push's chunks and folds them; the caller aborts the push on error.
@@ -86,13 +95,20 @@ impl CoordinatorService {
             };
             let wire_bytes = chunk.data.len();
             decode_into(dtype, &chunk.data, &mut values).map_err(|e| status_from_codec(&e))?;
-            let finite = FiniteValues::new(std::mem::take(&mut values))
-                .map_err(|index| Status::invalid_argument(format!("value {index} is not finite")))?;
+            let finite = FiniteValues::new(std::mem::take(&mut values)).map_err(|index| {
+                Status::invalid_argument(format!("value {index} is not finite"))
+            })?;
             let tensor = chunk.tensor_index as usize;
-            let offset = usize::try_from(chunk.offset).map_err(|_| Status::invalid_argument("offset overflows"))?;
-            self.engine_call(move |engine, _| engine.push_chunk(worker, tensor, offset, finite, wire_bytes)).await?;
+            let offset = usize::try_from(chunk.offset)
+                .map_err(|_| Status::invalid_argument("offset overflows"))?;
+            self.engine_call(move |engine, _| {
+                engine.push_chunk(worker, tensor, offset, finite, wire_bytes)
+            })
+            .await?;
         }
-        let receipt = self.engine_call(move |engine, now| engine.finish_push(worker, now)).await?;
+        let receipt = self
+            .engine_call(move |engine, now| engine.finish_push(worker, now))
+            .await?;
         Ok(pb::PushUpdateResponse {
             round: receipt.round.0,
             received: receipt.received as u32,
@@ -113,7 +129,12 @@ impl AsRef<[u8]> for ParamBytes {
 type PullStream = Pin<Box<dyn Stream<Item = Result<pb::ParamChunk, Status>> + Send>>;
 
 /// Splits the parameters into chunks of at most `max_chunk_bytes`, each within one tensor.
-fn param_chunks(layout: &ParamLayout, params: Arc<Vec<f32>>, version: Version, max_chunk_bytes: usize) -> PullStream {
+fn param_chunks(
+    layout: &ParamLayout,
+    params: Arc<Vec<f32>>,
+    version: Version,
+    max_chunk_bytes: usize,
+) -> PullStream {
     let all = Bytes::from_owner(ParamBytes(params));
     let per_chunk = (max_chunk_bytes / 4).max(1);
     let mut pieces = Vec::new();
@@ -121,21 +142,39 @@ fn param_chunks(layout: &ParamLayout, params: Arc<Vec<f32>>, version: Version, m
         let mut offset = 0;
         while offset < slot.numel {
             let len = per_chunk.min(slot.numel - offset);
-            pieces.push((index as u32, offset as u64, (slot.offset + offset) * 4, len * 4));
+            pieces.push((
+                index as u32,
+                offset as u64,
+                (slot.offset + offset) * 4,
+                len * 4,
+            ));
             offset += len;
         }
     }
-    Box::pin(futures::stream::iter(pieces.into_iter().map(move |(tensor_index, offset, start, len)| {
-        Ok(pb::ParamChunk { version: version.0, tensor_index, offset, data: all.slice(start..start + len) })
-    })))
+    Box::pin(futures::stream::iter(pieces.into_iter().map(
+        move |(tensor_index, offset, start, len)| {
+            Ok(pb::ParamChunk {
+                version: version.0,
+                tensor_index,
+                offset,
+                data: all.slice(start..start + len),
+            })
+        },
+    )))
 }
 
 #[tonic::async_trait]
 impl pb::coordinator_server::Coordinator for CoordinatorService {
     #[instrument(skip_all)]
-    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
         let info = worker_info_from_proto(request.into_inner().info)?;
-        let (worker, lease) = self.engine.call(move |engine, now| engine.join(info, now)).await?;
+        let (worker, lease) = self
+            .engine
+            .call(move |engine, now| engine.join(info, now))
+            .await?;
         Ok(Response::new(pb::JoinResponse {
             worker_id: worker.to_string(),
             lease_ms: lease.as_millis() as u64,
@@ -151,8 +190,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let worker = worker_id(&request.into_inner().worker_id)?;
         tracing::Span::current().record("worker", tracing::field::display(worker));
-        let lease = self.engine_call(move |engine, now| engine.heartbeat(worker, now)).await?;
-        Ok(Response::new(pb::HeartbeatResponse { lease_ms: lease.as_millis() as u64 }))
+        let lease = self
+            .engine_call(move |engine, now| engine.heartbeat(worker, now))
+            .await?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            lease_ms: lease.as_millis() as u64,
+        }))
     }
 
     #[instrument(skip_all, fields(worker))]
@@ -162,7 +205,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::NextTaskResponse>, Status> {
         let worker = worker_id(&request.into_inner().worker_id)?;
         tracing::Span::current().record("worker", tracing::field::display(worker));
-        let task = self.engine_call(move |engine, now| engine.next_task(worker, now)).await?;
+        let task = self
+            .engine_call(move |engine, now| engine.next_task(worker, now))
+            .await?;
         Ok(Response::new(task_to_proto(task)))
     }
 
@@ -178,8 +223,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let version = Version(request.version);
         tracing::Span::current().record("worker", tracing::field::display(worker));
         tracing::Span::current().record("version", version.0);
-        let params = self.engine_call(move |engine, now| engine.pull(worker, version, now)).await?;
-        Ok(Response::new(param_chunks(&self.layout, params, version, self.plan.max_chunk_bytes as usize)))
+        let params = self
+            .engine_call(move |engine, now| engine.pull(worker, version, now))
+            .await?;
+        Ok(Response::new(param_chunks(
+            &self.layout,
+            params,
+            version,
+            self.plan.max_chunk_bytes as usize,
+        )))
     }
 
     #[instrument(skip_all, fields(worker, round))]
@@ -193,7 +245,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .map_err(|_| Status::deadline_exceeded("no push header arrived"))?
             .ok_or_else(|| Status::invalid_argument("empty push"))??;
         let Some(pb::update_chunk::Kind::Header(header)) = first.kind else {
-            return Err(Status::invalid_argument("a push must start with its header"));
+            return Err(Status::invalid_argument(
+                "a push must start with its header",
+            ));
         };
         dtype_from_proto(header.dtype)?;
         let (worker, header) = push_header_from_proto(header)?;
@@ -204,12 +258,17 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .acquire()
             .await
             .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
-        self.engine_call(move |engine, now| engine.begin_push(worker, header, now)).await?;
+        self.engine_call(move |engine, now| engine.begin_push(worker, header, now))
+            .await?;
         match self.receive_push(worker, header.dtype, &mut stream).await {
             Ok(response) => Ok(Response::new(response)),
             Err(status) => {
                 warn!(code = ?status.code(), message = status.message(), "push discarded");
-                self.abort_push(worker, EngineError::StreamFailed(status.message().to_string())).await;
+                self.abort_push(
+                    worker,
+                    EngineError::StreamFailed(status.message().to_string()),
+                )
+                .await;
                 Err(status)
             }
         }
@@ -223,8 +282,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let request = request.into_inner();
         let worker = worker_id(&request.worker_id)?;
         let (version, loss, tokens) = (Version(request.version), request.loss, request.tokens);
-        self.engine_call(move |engine, now| engine.report_eval(worker, version, loss, tokens, now)).await?;
+        self.engine_call(move |engine, now| engine.report_eval(worker, version, loss, tokens, now))
+            .await?;
         Ok(Response::new(pb::ReportEvalResponse {}))
     }
 }
-

@@ -28,7 +28,11 @@ pub enum FoldError {
     #[error("chunk starts at element {got}, expected {expected}")]
     OutOfOrder { expected: usize, got: usize },
     #[error("chunk of {len} elements at {offset} runs past the end ({total})")]
-    PastEnd { offset: usize, len: usize, total: usize },
+    PastEnd {
+        offset: usize,
+        len: usize,
+        total: usize,
+    },
     #[error("push ended after {folded} of {total} elements")]
     Incomplete { folded: usize, total: usize },
 }
@@ -44,7 +48,12 @@ pub struct Accumulator {
 
 impl Accumulator {
     pub fn new(len: usize) -> Accumulator {
-        Accumulator { sum: vec![0.0; len], undo: vec![0.0; len], open: None, pushes: 0 }
+        Accumulator {
+            sum: vec![0.0; len],
+            undo: vec![0.0; len],
+            open: None,
+            pushes: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -77,12 +86,19 @@ impl Accumulator {
     pub fn fold(&mut self, offset: usize, values: &[f32]) -> Result<(), FoldError> {
         let open = self.open.as_mut().ok_or(FoldError::NoOpenPush)?;
         if offset != open.folded {
-            return Err(FoldError::OutOfOrder { expected: open.folded, got: offset });
+            return Err(FoldError::OutOfOrder {
+                expected: open.folded,
+                got: offset,
+            });
         }
         let end = offset
             .checked_add(values.len())
             .filter(|&end| end <= self.sum.len())
-            .ok_or(FoldError::PastEnd { offset, len: values.len(), total: self.sum.len() })?;
+            .ok_or(FoldError::PastEnd {
+                offset,
+                len: values.len(),
+                total: self.sum.len(),
+            })?;
         let sum = &mut self.sum[offset..end];
         self.undo[offset..end].copy_from_slice(sum);
         for (s, v) in sum.iter_mut().zip(values) {
@@ -96,7 +112,10 @@ impl Accumulator {
     pub fn finish_push(&mut self) -> Result<(), FoldError> {
         let open = self.open.ok_or(FoldError::NoOpenPush)?;
         if open.folded != self.sum.len() {
-            return Err(FoldError::Incomplete { folded: open.folded, total: self.sum.len() });
+            return Err(FoldError::Incomplete {
+                folded: open.folded,
+                total: self.sum.len(),
+            });
         }
         self.open = None;
         self.pushes += 1;
@@ -127,7 +146,11 @@ impl Accumulator {
     /// old one. The commit uses it to recycle the previous parameters'
     /// buffer as the next round's sum.
     pub fn swap_sum(&mut self, mut replacement: Vec<f32>) -> Vec<f32> {
-        assert_eq!(replacement.len(), self.sum.len(), "replacement buffer has the wrong length");
+        assert_eq!(
+            replacement.len(),
+            self.sum.len(),
+            "replacement buffer has the wrong length"
+        );
         assert!(self.open.is_none(), "sum taken while a push is open");
         replacement.fill(0.0);
         self.pushes = 0;
@@ -159,10 +182,29 @@ mod tests {
     fn out_of_order_and_overlong_chunks_are_refused() {
         let mut acc = Accumulator::new(4);
         acc.begin_push().unwrap();
-        assert_eq!(acc.fold(1, &[1.0]), Err(FoldError::OutOfOrder { expected: 0, got: 1 }));
+        assert_eq!(
+            acc.fold(1, &[1.0]),
+            Err(FoldError::OutOfOrder {
+                expected: 0,
+                got: 1
+            })
+        );
         acc.fold(0, &[1.0, 2.0]).unwrap();
-        assert_eq!(acc.fold(2, &[1.0; 3]), Err(FoldError::PastEnd { offset: 2, len: 3, total: 4 }));
-        assert_eq!(acc.finish_push(), Err(FoldError::Incomplete { folded: 2, total: 4 }));
+        assert_eq!(
+            acc.fold(2, &[1.0; 3]),
+            Err(FoldError::PastEnd {
+                offset: 2,
+                len: 3,
+                total: 4
+            })
+        );
+        assert_eq!(
+            acc.finish_push(),
+            Err(FoldError::Incomplete {
+                folded: 2,
+                total: 4
+            })
+        );
         assert_eq!(acc.begin_push(), Err(FoldError::PushAlreadyOpen));
     }
 

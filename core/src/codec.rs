@@ -31,8 +31,11 @@ pub enum CodecError {
 /// Decodes a payload into `out` (cleared first), rejecting NaN and ±Inf.
 pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), CodecError> {
     let width = dtype.size_bytes();
-    if bytes.len() % width != 0 {
-        return Err(CodecError::RaggedPayload { len: bytes.len(), dtype });
+    if !bytes.len().is_multiple_of(width) {
+        return Err(CodecError::RaggedPayload {
+            len: bytes.len(),
+            dtype,
+        });
     }
     out.clear();
     out.reserve(bytes.len() / width);
@@ -51,7 +54,10 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(),
     // A separate pass: the decode loop above stays branch-free and vectorises.
     if !out.iter().all(|x| x.is_finite()) {
         let index = out.iter().position(|x| !x.is_finite()).unwrap_or_default();
-        return Err(CodecError::NonFinite { index, value: out[index] });
+        return Err(CodecError::NonFinite {
+            index,
+            value: out[index],
+        });
     }
     Ok(())
 }
@@ -94,7 +100,11 @@ mod tests {
         let mut out = Vec::new();
         let err = decode_into(DType::F32, &encode(DType::F32, &[1.0, f32::NAN]), &mut out);
         assert!(matches!(err, Err(CodecError::NonFinite { index: 1, .. })));
-        let err = decode_into(DType::Bf16, &encode(DType::Bf16, &[f32::INFINITY]), &mut out);
+        let err = decode_into(
+            DType::Bf16,
+            &encode(DType::Bf16, &[f32::INFINITY]),
+            &mut out,
+        );
         assert!(matches!(err, Err(CodecError::NonFinite { index: 0, .. })));
     }
 
@@ -103,7 +113,10 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(
             decode_into(DType::F32, &[0, 0, 0], &mut out),
-            Err(CodecError::RaggedPayload { len: 3, dtype: DType::F32 })
+            Err(CodecError::RaggedPayload {
+                len: 3,
+                dtype: DType::F32
+            })
         );
     }
 }

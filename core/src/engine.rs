@@ -81,7 +81,10 @@ pub enum EngineConfigError {
     #[error("{field} must be at least 1")]
     Zero { field: &'static str },
     #[error("min_participants ({min_participants}) exceeds max_workers_per_round ({max_workers_per_round})")]
-    ImpossibleQuorum { min_participants: usize, max_workers_per_round: usize },
+    ImpossibleQuorum {
+        min_participants: usize,
+        max_workers_per_round: usize,
+    },
     #[error("neither max_rounds nor max_epochs is set: the job would never end")]
     Endless,
     #[error(transparent)]
@@ -117,7 +120,13 @@ pub enum EngineError {
         got_offset: usize,
     },
     #[error("chunk of {len} values at offset {offset} overruns tensor {tensor} ({name}, {numel} values)")]
-    ChunkOverrunsTensor { tensor: usize, name: String, offset: usize, len: usize, numel: usize },
+    ChunkOverrunsTensor {
+        tensor: usize,
+        name: String,
+        offset: usize,
+        len: usize,
+        numel: usize,
+    },
     #[error("chunk of {len} values exceeds the limit of {max}")]
     ChunkTooLarge { len: usize, max: usize },
     #[error("empty chunk")]
@@ -193,9 +202,16 @@ pub enum Task {
         eval_shards: Vec<ShardInfo>,
         deadline_in: Duration,
     },
-    Eval { version: Version, eval_shards: Vec<ShardInfo> },
-    Wait { retry_after: Duration },
-    Done { reason: String },
+    Eval {
+        version: Version,
+        eval_shards: Vec<ShardInfo>,
+    },
+    Wait {
+        retry_after: Duration,
+    },
+    Done {
+        reason: String,
+    },
 }
 
 /// Receipt for a complete push.
@@ -228,15 +244,46 @@ pub struct RoundSummary {
 /// Things that happened, for the caller to log or act on.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    WorkerJoined { worker: WorkerId, info: WorkerInfo },
-    WorkerExpired { worker: WorkerId, returned_shards: Vec<ShardId> },
-    RoundStarted { round: RoundId, version: Version, participants: usize, shards: usize },
-    PushRejected { worker: WorkerId, round: Option<RoundId>, reason: String },
+    WorkerJoined {
+        worker: WorkerId,
+        info: WorkerInfo,
+    },
+    WorkerExpired {
+        worker: WorkerId,
+        returned_shards: Vec<ShardId>,
+    },
+    RoundStarted {
+        round: RoundId,
+        version: Version,
+        participants: usize,
+        shards: usize,
+    },
+    PushRejected {
+        worker: WorkerId,
+        round: Option<RoundId>,
+        reason: String,
+    },
     RoundCommitted(RoundSummary),
-    RoundAborted { round: RoundId, pushed: usize, needed: usize, returned_shards: usize },
-    EpochCompleted { epoch: u64 },
-    EvalReported { version: Version, loss: f64, tokens: u64 },
-    JobFinished { version: Version, final_eval_loss: Option<f64>, rounds: u64, epochs: u64 },
+    RoundAborted {
+        round: RoundId,
+        pushed: usize,
+        needed: usize,
+        returned_shards: usize,
+    },
+    EpochCompleted {
+        epoch: u64,
+    },
+    EvalReported {
+        version: Version,
+        loss: f64,
+        tokens: u64,
+    },
+    JobFinished {
+        version: Version,
+        final_eval_loss: Option<f64>,
+        rounds: u64,
+        epochs: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -249,7 +296,12 @@ struct WorkerEntry {
 #[derive(Clone, Debug, PartialEq)]
 enum PushState {
     Assigned,
-    Pushing { next_tensor: usize, next_offset: usize, wire_bytes: u64, header: PushHeader },
+    Pushing {
+        next_tensor: usize,
+        next_offset: usize,
+        wire_bytes: u64,
+        header: PushHeader,
+    },
     Pushed(PushStats),
 }
 
@@ -277,7 +329,9 @@ enum Phase {
     /// Rounds run.
     Training,
     /// Training is over; the final version is evaluated by one worker.
-    FinalEval { assignee: Option<(WorkerId, Instant)> },
+    FinalEval {
+        assignee: Option<(WorkerId, Instant)>,
+    },
     Finished,
 }
 
@@ -330,7 +384,9 @@ impl RoundEngine {
                 return Err(EngineConfigError::Zero { field });
             }
         }
-        if config.max_workers_per_round != 0 && config.min_participants > config.max_workers_per_round {
+        if config.max_workers_per_round != 0
+            && config.min_participants > config.max_workers_per_round
+        {
             return Err(EngineConfigError::ImpossibleQuorum {
                 min_participants: config.min_participants,
                 max_workers_per_round: config.max_workers_per_round,
@@ -347,7 +403,8 @@ impl RoundEngine {
                 expected: layout.total(),
             });
         }
-        let scheduler = ShardScheduler::new(train_shards.iter().map(|s| s.id).collect(), config.seed);
+        let scheduler =
+            ShardScheduler::new(train_shards.iter().map(|s| s.id).collect(), config.seed);
         Ok(RoundEngine {
             accumulator: Accumulator::new(layout.total()),
             outer: OuterOptimizer::new(config.outer, layout.total()),
@@ -433,7 +490,11 @@ impl RoundEngine {
         self.next_worker += 1;
         self.workers.insert(
             worker,
-            WorkerEntry { info: info.clone(), lease_expires: now + self.config.lease, told_done: false },
+            WorkerEntry {
+                info: info.clone(),
+                lease_expires: now + self.config.lease,
+                told_done: false,
+            },
         );
         self.events.push(Event::WorkerJoined { worker, info });
         self.maybe_start_round(now);
@@ -448,7 +509,10 @@ impl RoundEngine {
 
     fn touch(&mut self, worker: WorkerId, now: Instant) -> Result<(), EngineError> {
         let lease = self.config.lease;
-        let entry = self.workers.get_mut(&worker).ok_or(EngineError::UnknownWorker(worker))?;
+        let entry = self
+            .workers
+            .get_mut(&worker)
+            .ok_or(EngineError::UnknownWorker(worker))?;
         if entry.lease_expires <= now {
             // Expired but not yet swept by a tick: treat it as gone.
             self.expire(worker);
@@ -499,7 +563,10 @@ impl RoundEngine {
                 *assignee = None;
             }
         }
-        self.events.push(Event::WorkerExpired { worker, returned_shards: returned });
+        self.events.push(Event::WorkerExpired {
+            worker,
+            returned_shards: returned,
+        });
     }
 
     // ---- tasks -----------------------------------------------------------------
@@ -512,31 +579,50 @@ impl RoundEngine {
                 if let Some(entry) = self.workers.get_mut(&worker) {
                     entry.told_done = true;
                 }
-                return Ok(Task::Done { reason: self.finish_reason() });
+                return Ok(Task::Done {
+                    reason: self.finish_reason(),
+                });
             }
             Phase::FinalEval { assignee } => {
                 let free = assignee.is_none_or(|(w, _)| w == worker);
                 if free {
                     *assignee = Some((worker, now));
-                    return Ok(Task::Eval { version: self.version, eval_shards: self.eval_shards.clone() });
+                    return Ok(Task::Eval {
+                        version: self.version,
+                        eval_shards: self.eval_shards.clone(),
+                    });
                 }
-                return Ok(Task::Wait { retry_after: IDLE_RETRY });
+                return Ok(Task::Wait {
+                    retry_after: IDLE_RETRY,
+                });
             }
             Phase::Training => {}
         }
         self.maybe_join_running_round(worker);
         let Some(round) = &self.round else {
-            return Ok(Task::Wait { retry_after: IDLE_RETRY });
+            return Ok(Task::Wait {
+                retry_after: IDLE_RETRY,
+            });
         };
         match round.participants.get(&worker) {
-            Some(Participant { state: PushState::Assigned, shards, evaluates }) => Ok(Task::Train {
+            Some(Participant {
+                state: PushState::Assigned,
+                shards,
+                evaluates,
+            }) => Ok(Task::Train {
                 round: round.id,
                 version: self.version,
                 shards: shards.iter().map(|id| self.shards[id].clone()).collect(),
-                eval_shards: if *evaluates { self.eval_shards.clone() } else { Vec::new() },
+                eval_shards: if *evaluates {
+                    self.eval_shards.clone()
+                } else {
+                    Vec::new()
+                },
                 deadline_in: round.deadline.saturating_duration_since(now),
             }),
-            _ => Ok(Task::Wait { retry_after: IDLE_RETRY }),
+            _ => Ok(Task::Wait {
+                retry_after: IDLE_RETRY,
+            }),
         }
     }
 
@@ -557,10 +643,17 @@ impl RoundEngine {
         {
             return;
         }
-        let shards = self.scheduler.lease(worker, round.id, self.config.shards_per_worker);
-        round
-            .participants
-            .insert(worker, Participant { shards, evaluates: false, state: PushState::Assigned });
+        let shards = self
+            .scheduler
+            .lease(worker, round.id, self.config.shards_per_worker);
+        round.participants.insert(
+            worker,
+            Participant {
+                shards,
+                evaluates: false,
+                state: PushState::Assigned,
+            },
+        );
     }
 
     fn maybe_start_round(&mut self, now: Instant) {
@@ -577,18 +670,27 @@ impl RoundEngine {
         let id = RoundId(self.next_round);
         let mut participants = BTreeMap::new();
         for &worker in self.workers.keys().take(cap) {
-            let shards = self.scheduler.lease(worker, id, self.config.shards_per_worker);
+            let shards = self
+                .scheduler
+                .lease(worker, id, self.config.shards_per_worker);
             if shards.is_empty() {
                 break;
             }
-            participants.insert(worker, Participant { shards, evaluates: false, state: PushState::Assigned });
+            participants.insert(
+                worker,
+                Participant {
+                    shards,
+                    evaluates: false,
+                    state: PushState::Assigned,
+                },
+            );
         }
         if participants.is_empty() {
             return;
         }
         let eval_due = match self.config.eval_every {
             0 => false,
-            k => (id.0 - 1) % k == 0,
+            k => (id.0 - 1).is_multiple_of(k),
         };
         if eval_due && !self.eval_shards.is_empty() {
             if let Some(first) = participants.values_mut().next() {
@@ -617,10 +719,18 @@ impl RoundEngine {
     // ---- pulls -------------------------------------------------------------------
 
     /// The parameters of `version` for `worker` to pull; only the current version is served.
-    pub fn pull(&mut self, worker: WorkerId, version: Version, now: Instant) -> Result<Arc<Vec<f32>>, EngineError> {
+    pub fn pull(
+        &mut self,
+        worker: WorkerId,
+        version: Version,
+        now: Instant,
+    ) -> Result<Arc<Vec<f32>>, EngineError> {
         self.touch(worker, now)?;
         if version != self.version {
-            return Err(EngineError::StaleVersion { got: version, current: self.version });
+            return Err(EngineError::StaleVersion {
+                got: version,
+                current: self.version,
+            });
         }
         if let Some(round) = &mut self.round {
             round.bytes_pulled += (self.global.len() * 4) as u64;
@@ -631,12 +741,19 @@ impl RoundEngine {
     // ---- pushes ----------------------------------------------------------------
 
     fn round_name(&self) -> String {
-        self.round.as_ref().map_or_else(|| "none".to_string(), |r| r.id.to_string())
+        self.round
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |r| r.id.to_string())
     }
 
     /// Opens a push. Refused if another worker's push is being folded: the
     /// caller serialises pushes and retries.
-    pub fn begin_push(&mut self, worker: WorkerId, header: PushHeader, now: Instant) -> Result<(), EngineError> {
+    pub fn begin_push(
+        &mut self,
+        worker: WorkerId,
+        header: PushHeader,
+        now: Instant,
+    ) -> Result<(), EngineError> {
         self.touch(worker, now)?;
         self.tick(now);
         let result = self.check_push_header(worker, &header);
@@ -648,42 +765,72 @@ impl RoundEngine {
         }
         self.accumulator.begin_push().expect("no push open");
         let round = self.round.as_mut().expect("checked");
-        round.participants.get_mut(&worker).expect("checked").state =
-            PushState::Pushing { next_tensor: 0, next_offset: 0, wire_bytes: 0, header };
+        round.participants.get_mut(&worker).expect("checked").state = PushState::Pushing {
+            next_tensor: 0,
+            next_offset: 0,
+            wire_bytes: 0,
+            header,
+        };
         Ok(())
     }
 
     fn check_push_header(&self, worker: WorkerId, header: &PushHeader) -> Result<(), EngineError> {
         let Some(round) = &self.round else {
-            return Err(EngineError::StaleRound { got: header.round, current: self.round_name() });
+            return Err(EngineError::StaleRound {
+                got: header.round,
+                current: self.round_name(),
+            });
         };
         if header.round != round.id {
-            return Err(EngineError::StaleRound { got: header.round, current: self.round_name() });
+            return Err(EngineError::StaleRound {
+                got: header.round,
+                current: self.round_name(),
+            });
         }
         if header.base_version != self.version {
-            return Err(EngineError::StaleVersion { got: header.base_version, current: self.version });
+            return Err(EngineError::StaleVersion {
+                got: header.base_version,
+                current: self.version,
+            });
         }
         let participant = round
             .participants
             .get(&worker)
-            .ok_or(EngineError::NotAssigned { worker, round: round.id })?;
+            .ok_or(EngineError::NotAssigned {
+                worker,
+                round: round.id,
+            })?;
         match participant.state {
             PushState::Assigned => {}
-            PushState::Pushed(_) => return Err(EngineError::AlreadyPushed { worker, round: round.id }),
+            PushState::Pushed(_) => {
+                return Err(EngineError::AlreadyPushed {
+                    worker,
+                    round: round.id,
+                })
+            }
             PushState::Pushing { .. } => return Err(EngineError::PushInProgress),
         }
         if header.dtype != self.config.update_dtype {
-            return Err(EngineError::WrongDtype { got: header.dtype, expected: self.config.update_dtype });
+            return Err(EngineError::WrongDtype {
+                got: header.dtype,
+                expected: self.config.update_dtype,
+            });
         }
         let stats = &header.stats;
         if !stats.mean_loss.is_finite() || stats.mean_loss < 0.0 {
-            return Err(EngineError::InvalidStats("mean_loss must be finite and non-negative"));
+            return Err(EngineError::InvalidStats(
+                "mean_loss must be finite and non-negative",
+            ));
         }
         if !stats.train_seconds.is_finite() || stats.train_seconds < 0.0 {
-            return Err(EngineError::InvalidStats("train_seconds must be finite and non-negative"));
+            return Err(EngineError::InvalidStats(
+                "train_seconds must be finite and non-negative",
+            ));
         }
         if stats.eval_loss.is_some_and(|l| !l.is_finite() || l < 0.0) {
-            return Err(EngineError::InvalidStats("eval_loss must be finite and non-negative"));
+            return Err(EngineError::InvalidStats(
+                "eval_loss must be finite and non-negative",
+            ));
         }
         if self.accumulator.is_push_open() {
             return Err(EngineError::PushInProgress);
@@ -692,7 +839,11 @@ impl RoundEngine {
     }
 
     fn reject(&mut self, worker: WorkerId, round: Option<RoundId>, error: &EngineError) {
-        self.events.push(Event::PushRejected { worker, round, reason: error.to_string() });
+        self.events.push(Event::PushRejected {
+            worker,
+            round,
+            reason: error.to_string(),
+        });
     }
 
     /// Folds one chunk of the worker's open push. On error the whole push is
@@ -723,8 +874,16 @@ impl RoundEngine {
         wire_bytes: usize,
     ) -> Result<(), EngineError> {
         let round = self.round.as_mut().ok_or(EngineError::NoOpenPush(worker))?;
-        let participant = round.participants.get_mut(&worker).ok_or(EngineError::NoOpenPush(worker))?;
-        let PushState::Pushing { next_tensor, next_offset, wire_bytes: push_bytes, .. } = &mut participant.state
+        let participant = round
+            .participants
+            .get_mut(&worker)
+            .ok_or(EngineError::NoOpenPush(worker))?;
+        let PushState::Pushing {
+            next_tensor,
+            next_offset,
+            wire_bytes: push_bytes,
+            ..
+        } = &mut participant.state
         else {
             return Err(EngineError::NoOpenPush(worker));
         };
@@ -732,12 +891,18 @@ impl RoundEngine {
         let slot = self
             .layout
             .tensor(tensor_index)
-            .ok_or(EngineError::UnknownTensor { index: tensor_index, count })?;
+            .ok_or(EngineError::UnknownTensor {
+                index: tensor_index,
+                count,
+            })?;
         if values.is_empty() {
             return Err(EngineError::EmptyChunk);
         }
         if values.len() > self.config.max_chunk_elems {
-            return Err(EngineError::ChunkTooLarge { len: values.len(), max: self.config.max_chunk_elems });
+            return Err(EngineError::ChunkTooLarge {
+                len: values.len(),
+                max: self.config.max_chunk_elems,
+            });
         }
         if (tensor_index, offset) != (*next_tensor, *next_offset) {
             return Err(EngineError::ChunkOutOfOrder {
@@ -756,16 +921,20 @@ impl RoundEngine {
                 numel: slot.numel,
             });
         }
-        self.accumulator.fold(slot.offset + offset, values).map_err(|e| match e {
-            // The checks above make these unreachable; keep the invariant loud.
-            FoldError::OutOfOrder { .. } | FoldError::PastEnd { .. } => EngineError::ChunkOutOfOrder {
-                expected_tensor: *next_tensor,
-                expected_offset: *next_offset,
-                got_tensor: tensor_index,
-                got_offset: offset,
-            },
-            _ => EngineError::NoOpenPush(worker),
-        })?;
+        self.accumulator
+            .fold(slot.offset + offset, values)
+            .map_err(|e| match e {
+                // The checks above make these unreachable; keep the invariant loud.
+                FoldError::OutOfOrder { .. } | FoldError::PastEnd { .. } => {
+                    EngineError::ChunkOutOfOrder {
+                        expected_tensor: *next_tensor,
+                        expected_offset: *next_offset,
+                        got_tensor: tensor_index,
+                        got_offset: offset,
+                    }
+                }
+                _ => EngineError::NoOpenPush(worker),
+            })?;
         *next_offset += values.len();
         if *next_offset == slot.numel {
             *next_tensor += 1;
@@ -776,14 +945,24 @@ impl RoundEngine {
     }
 
     /// Completes the worker's push; the round may commit as a result.
-    pub fn finish_push(&mut self, worker: WorkerId, now: Instant) -> Result<PushReceipt, EngineError> {
+    pub fn finish_push(
+        &mut self,
+        worker: WorkerId,
+        now: Instant,
+    ) -> Result<PushReceipt, EngineError> {
         let Some(round) = self.round.as_mut() else {
             return Err(EngineError::NoOpenPush(worker));
         };
         let Some(participant) = round.participants.get_mut(&worker) else {
             return Err(EngineError::NoOpenPush(worker));
         };
-        let PushState::Pushing { next_tensor, header, wire_bytes, .. } = participant.state else {
+        let PushState::Pushing {
+            next_tensor,
+            header,
+            wire_bytes,
+            ..
+        } = participant.state
+        else {
             return Err(EngineError::NoOpenPush(worker));
         };
         if next_tensor != self.layout.tensors().len() {
@@ -791,17 +970,26 @@ impl RoundEngine {
                 .layout
                 .tensor(next_tensor)
                 .map_or(self.layout.total(), |slot| slot.offset);
-            let error = EngineError::IncompletePush { received, expected: self.layout.total() };
+            let error = EngineError::IncompletePush {
+                received,
+                expected: self.layout.total(),
+            };
             self.abort_push(worker, &error);
             return Err(error);
         }
-        self.accumulator.finish_push().expect("every element folded");
+        self.accumulator
+            .finish_push()
+            .expect("every element folded");
         participant.state = PushState::Pushed(header.stats);
         // Only updates that count are reported as pushed bytes.
         round.bytes_pushed += wire_bytes;
         let receipt = PushReceipt {
             round: round.id,
-            received: round.participants.values().filter(|p| matches!(p.state, PushState::Pushed(_))).count(),
+            received: round
+                .participants
+                .values()
+                .filter(|p| matches!(p.state, PushState::Pushed(_)))
+                .count(),
             expected: round.participants.len(),
         };
         self.check_round(now);
@@ -810,9 +998,13 @@ impl RoundEngine {
 
     /// Discards the worker's open push (its stream broke, or a chunk was bad).
     pub fn abort_push(&mut self, worker: WorkerId, reason: &EngineError) {
-        let Some(round) = self.round.as_mut() else { return };
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
         let round_id = round.id;
-        let Some(participant) = round.participants.get_mut(&worker) else { return };
+        let Some(participant) = round.participants.get_mut(&worker) else {
+            return;
+        };
         if matches!(participant.state, PushState::Pushing { .. }) {
             self.accumulator.abort_push();
             participant.state = PushState::Assigned;
@@ -832,7 +1024,9 @@ impl RoundEngine {
     ) -> Result<(), EngineError> {
         self.touch(worker, now)?;
         if !loss.is_finite() || loss < 0.0 {
-            return Err(EngineError::InvalidStats("eval loss must be finite and non-negative"));
+            return Err(EngineError::InvalidStats(
+                "eval loss must be finite and non-negative",
+            ));
         }
         let Phase::FinalEval { assignee } = &self.phase else {
             return Err(EngineError::UnexpectedEval { worker, version });
@@ -841,7 +1035,11 @@ impl RoundEngine {
             return Err(EngineError::UnexpectedEval { worker, version });
         }
         self.final_eval_loss = Some(loss);
-        self.events.push(Event::EvalReported { version, loss, tokens });
+        self.events.push(Event::EvalReported {
+            version,
+            loss,
+            tokens,
+        });
         self.finish();
         Ok(())
     }
@@ -849,11 +1047,17 @@ impl RoundEngine {
     // ---- round completion ------------------------------------------------------
 
     fn on_deadline(&mut self, now: Instant) {
-        let Some(round) = self.round.as_mut() else { return };
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
         if self.accumulator.is_push_open() {
             self.accumulator.abort_push();
         }
-        let pushed = round.participants.values().filter(|p| matches!(p.state, PushState::Pushed(_))).count();
+        let pushed = round
+            .participants
+            .values()
+            .filter(|p| matches!(p.state, PushState::Pushed(_)))
+            .count();
         if pushed < self.config.min_participants {
             self.abort_round();
             return;
@@ -873,7 +1077,9 @@ impl RoundEngine {
     }
 
     fn abort_round(&mut self) {
-        let Some(round) = self.round.take() else { return };
+        let Some(round) = self.round.take() else {
+            return;
+        };
         let mut returned = 0;
         for &worker in round.participants.keys() {
             returned += self.scheduler.release(worker).len();
@@ -895,7 +1101,10 @@ impl RoundEngine {
             self.abort_round();
             return;
         }
-        let all_pushed = round.participants.values().all(|p| matches!(p.state, PushState::Pushed(_)));
+        let all_pushed = round
+            .participants
+            .values()
+            .all(|p| matches!(p.state, PushState::Pushed(_)));
         if all_pushed && round.participants.len() >= self.config.min_participants {
             self.commit(now);
         }
@@ -912,7 +1121,8 @@ impl RoundEngine {
         }
         // The sum buffer becomes the next parameters in place; the old
         // parameters' buffer becomes the next sum unless a pull still holds it.
-        self.outer.step(&self.global, self.accumulator.sum_mut(), count);
+        self.outer
+            .step(&self.global, self.accumulator.sum_mut(), count);
         let fresh = vec![0.0; self.global.len()];
         let next = self.accumulator.swap_sum(fresh);
         let old = std::mem::replace(&mut self.global, Arc::new(next));
@@ -940,7 +1150,11 @@ impl RoundEngine {
             base_version,
             new_version: self.version,
             participants: count,
-            mean_loss: if tokens > 0 { weighted_loss / tokens as f64 } else { 0.0 },
+            mean_loss: if tokens > 0 {
+                weighted_loss / tokens as f64
+            } else {
+                0.0
+            },
             tokens,
             tokens_per_second: tokens as f64 / wall.as_secs_f64().max(1e-9),
             bytes_pulled: round.bytes_pulled,
@@ -951,11 +1165,15 @@ impl RoundEngine {
         }));
         if self.scheduler.epoch_complete() {
             self.epochs_completed += 1;
-            self.events.push(Event::EpochCompleted { epoch: self.scheduler.epoch() });
+            self.events.push(Event::EpochCompleted {
+                epoch: self.scheduler.epoch(),
+            });
             self.scheduler.start_next_epoch();
         }
-        let rounds_done = self.config.max_rounds != 0 && self.committed_rounds >= self.config.max_rounds;
-        let epochs_done = self.config.max_epochs != 0 && self.epochs_completed >= self.config.max_epochs;
+        let rounds_done =
+            self.config.max_rounds != 0 && self.committed_rounds >= self.config.max_rounds;
+        let epochs_done =
+            self.config.max_epochs != 0 && self.epochs_completed >= self.config.max_epochs;
         if rounds_done || epochs_done {
             self.phase = if self.eval_shards.is_empty() {
                 Phase::Finished
@@ -988,8 +1206,16 @@ mod tests {
 
     fn spec() -> Vec<TensorSpec> {
         vec![
-            TensorSpec { name: "w".into(), shape: vec![2, 2], init: Init::Zeros },
-            TensorSpec { name: "b".into(), shape: vec![2], init: Init::Zeros },
+            TensorSpec {
+                name: "w".into(),
+                shape: vec![2, 2],
+                init: Init::Zeros,
+            },
+            TensorSpec {
+                name: "b".into(),
+                shape: vec![2],
+                init: Init::Zeros,
+            },
         ]
     }
 
@@ -1013,11 +1239,21 @@ mod tests {
     }
 
     fn shards(n: u64) -> Vec<ShardInfo> {
-        (0..n).map(|i| ShardInfo { id: ShardId(i), file_name: format!("train-{i}.tok"), num_tokens: 65 }).collect()
+        (0..n)
+            .map(|i| ShardInfo {
+                id: ShardId(i),
+                file_name: format!("train-{i}.tok"),
+                num_tokens: 65,
+            })
+            .collect()
     }
 
     fn engine(config: EngineConfig, train: u64) -> RoundEngine {
-        let eval = vec![ShardInfo { id: ShardId(1000), file_name: "val-0.tok".into(), num_tokens: 65 }];
+        let eval = vec![ShardInfo {
+            id: ShardId(1000),
+            file_name: "val-0.tok".into(),
+            num_tokens: 65,
+        }];
         RoundEngine::new(config, shards(train), eval, vec![1.0; 6]).unwrap()
     }
 
@@ -1026,7 +1262,13 @@ mod tests {
             round,
             base_version: version,
             dtype: DType::F32,
-            stats: PushStats { mean_loss: 2.0, tokens: 64, train_seconds: 0.1, eval_loss: None, eval_tokens: 0 },
+            stats: PushStats {
+                mean_loss: 2.0,
+                tokens: 64,
+                train_seconds: 0.1,
+                eval_loss: None,
+                eval_tokens: 0,
+            },
         }
     }
 
@@ -1035,16 +1277,31 @@ mod tests {
     }
 
     /// Pushes a whole update of 6 values in the two tensors.
-    fn push_all(e: &mut RoundEngine, w: WorkerId, round: RoundId, delta: [f32; 6], now: Instant) -> Result<PushReceipt, EngineError> {
+    fn push_all(
+        e: &mut RoundEngine,
+        w: WorkerId,
+        round: RoundId,
+        delta: [f32; 6],
+        now: Instant,
+    ) -> Result<PushReceipt, EngineError> {
         e.begin_push(w, header(round, e.version()), now)?;
         e.push_chunk(w, 0, 0, values(&delta[..4]), 16)?;
         e.push_chunk(w, 1, 0, values(&delta[4..]), 8)?;
         e.finish_push(w, now)
     }
 
-    fn train_task(e: &mut RoundEngine, w: WorkerId, now: Instant) -> (RoundId, Version, Vec<ShardInfo>) {
+    fn train_task(
+        e: &mut RoundEngine,
+        w: WorkerId,
+        now: Instant,
+    ) -> (RoundId, Version, Vec<ShardInfo>) {
         match e.next_task(w, now).unwrap() {
-            Task::Train { round, version, shards, .. } => (round, version, shards),
+            Task::Train {
+                round,
+                version,
+                shards,
+                ..
+            } => (round, version, shards),
             other => panic!("expected a train task, got {other:?}"),
         }
     }
@@ -1054,16 +1311,33 @@ mod tests {
         let t0 = Instant::now();
         let mut e = engine(config(), 4);
         let (a, _) = e.join(WorkerInfo::default(), t0);
-        assert_eq!(e.next_task(a, t0).unwrap(), Task::Wait { retry_after: IDLE_RETRY }, "waits for min_workers");
+        assert_eq!(
+            e.next_task(a, t0).unwrap(),
+            Task::Wait {
+                retry_after: IDLE_RETRY
+            },
+            "waits for min_workers"
+        );
         let (b, _) = e.join(WorkerInfo::default(), t0);
         let (round, version, shards_a) = train_task(&mut e, a, t0);
         let (_, _, shards_b) = train_task(&mut e, b, t0);
         assert_ne!(shards_a, shards_b);
         // Locals are global - delta: a moved every value by -1, b by +1... mean stays at 1.
         push_all(&mut e, a, round, [1.0; 6], t0).unwrap();
-        assert_eq!(e.version(), version, "no commit before every participant pushed");
+        assert_eq!(
+            e.version(),
+            version,
+            "no commit before every participant pushed"
+        );
         let receipt = push_all(&mut e, b, round, [-3.0; 6], t0).unwrap();
-        assert_eq!(receipt, PushReceipt { round, received: 2, expected: 2 });
+        assert_eq!(
+            receipt,
+            PushReceipt {
+                round,
+                received: 2,
+                expected: 2
+            }
+        );
         assert_eq!(e.version(), Version(1));
         // global - mean(delta) = 1 - (-1) = 2
         assert_eq!(e.global_params().as_slice(), &[2.0; 6]);
@@ -1072,7 +1346,10 @@ mod tests {
             _ => None,
         });
         let summary = committed.expect("a committed round");
-        assert_eq!((summary.participants, summary.tokens, summary.bytes_pushed), (2, 128, 48));
+        assert_eq!(
+            (summary.participants, summary.tokens, summary.bytes_pushed),
+            (2, 128, 48)
+        );
     }
 
     #[test]
@@ -1084,44 +1361,82 @@ mod tests {
         let (round, version, _) = train_task(&mut e, a, t0);
         train_task(&mut e, b, t0);
         let ghost = WorkerId(99);
-        assert_eq!(e.begin_push(ghost, header(round, version), t0), Err(EngineError::UnknownWorker(ghost)));
-        assert!(matches!(e.begin_push(a, header(RoundId(7), version), t0), Err(EngineError::StaleRound { .. })));
-        assert!(matches!(e.begin_push(a, header(round, Version(5)), t0), Err(EngineError::StaleVersion { .. })));
+        assert_eq!(
+            e.begin_push(ghost, header(round, version), t0),
+            Err(EngineError::UnknownWorker(ghost))
+        );
+        assert!(matches!(
+            e.begin_push(a, header(RoundId(7), version), t0),
+            Err(EngineError::StaleRound { .. })
+        ));
+        assert!(matches!(
+            e.begin_push(a, header(round, Version(5)), t0),
+            Err(EngineError::StaleVersion { .. })
+        ));
         let mut bf16 = header(round, version);
         bf16.dtype = DType::Bf16;
-        assert_eq!(e.begin_push(a, bf16, t0), Err(EngineError::WrongDtype { got: DType::Bf16, expected: DType::F32 }));
+        assert_eq!(
+            e.begin_push(a, bf16, t0),
+            Err(EngineError::WrongDtype {
+                got: DType::Bf16,
+                expected: DType::F32
+            })
+        );
         let mut nan_loss = header(round, version);
         nan_loss.stats.mean_loss = f64::NAN;
-        assert!(matches!(e.begin_push(a, nan_loss, t0), Err(EngineError::InvalidStats(_))));
+        assert!(matches!(
+            e.begin_push(a, nan_loss, t0),
+            Err(EngineError::InvalidStats(_))
+        ));
         assert_eq!(FiniteValues::new(vec![0.0, f32::NAN]), Err(1));
 
         // Half a push, then each kind of bad chunk: the sum must not move.
         let bad_chunks: Vec<(usize, usize, Vec<f32>)> = vec![
-            (5, 0, vec![1.0]),          // unknown tensor
-            (1, 0, vec![1.0]),          // out of order: tensor 0 not finished
-            (0, 3, vec![1.0]),          // out of order: wrong offset
-            (0, 2, vec![1.0; 3]),       // overruns tensor 0
-            (0, 2, vec![1.0; 5]),       // too large
-            (0, 2, vec![]),             // empty
+            (5, 0, vec![1.0]),    // unknown tensor
+            (1, 0, vec![1.0]),    // out of order: tensor 0 not finished
+            (0, 3, vec![1.0]),    // out of order: wrong offset
+            (0, 2, vec![1.0; 3]), // overruns tensor 0
+            (0, 2, vec![1.0; 5]), // too large
+            (0, 2, vec![]),       // empty
         ];
         for (tensor, offset, chunk) in bad_chunks {
             e.begin_push(a, header(round, version), t0).unwrap();
             e.push_chunk(a, 0, 0, values(&[100.0, 100.0]), 8).unwrap();
             let result = e.push_chunk(a, tensor, offset, values(&chunk), chunk.len() * 4);
-            assert!(result.is_err(), "chunk ({tensor}, {offset}, {chunk:?}) accepted");
-            assert_eq!(e.push_chunk(a, 0, 2, values(&[1.0]), 4), Err(EngineError::NoOpenPush(a)), "push closed");
+            assert!(
+                result.is_err(),
+                "chunk ({tensor}, {offset}, {chunk:?}) accepted"
+            );
+            assert_eq!(
+                e.push_chunk(a, 0, 2, values(&[1.0]), 4),
+                Err(EngineError::NoOpenPush(a)),
+                "push closed"
+            );
         }
         // A push that ends early is refused too.
         e.begin_push(a, header(round, version), t0).unwrap();
         e.push_chunk(a, 0, 0, values(&[100.0; 4]), 16).unwrap();
-        assert_eq!(e.finish_push(a, t0), Err(EngineError::IncompletePush { received: 4, expected: 6 }));
+        assert_eq!(
+            e.finish_push(a, t0),
+            Err(EngineError::IncompletePush {
+                received: 4,
+                expected: 6
+            })
+        );
         // A push from a participant whose push is not its own round is refused.
         // After all that, two good pushes give exactly the clean result.
         push_all(&mut e, a, round, [0.5; 6], t0).unwrap();
-        assert_eq!(push_all(&mut e, a, round, [0.5; 6], t0), Err(EngineError::AlreadyPushed { worker: a, round }));
+        assert_eq!(
+            push_all(&mut e, a, round, [0.5; 6], t0),
+            Err(EngineError::AlreadyPushed { worker: a, round })
+        );
         push_all(&mut e, b, round, [0.5; 6], t0).unwrap();
         assert_eq!(e.global_params().as_slice(), &[0.5; 6]);
-        let rejected = e.drain_events().iter().filter(|ev| matches!(ev, Event::PushRejected { .. })).count();
+        let rejected = e
+            .drain_events()
+            .iter()
+            .filter(|ev| matches!(ev, Event::PushRejected { .. }))
+            .count();
         assert!(rejected >= 10, "{rejected} rejections logged");
     }
 
@@ -1134,7 +1449,10 @@ mod tests {
         let (round, version, _) = train_task(&mut e, a, t0);
         train_task(&mut e, b, t0);
         e.begin_push(a, header(round, version), t0).unwrap();
-        assert_eq!(e.begin_push(b, header(round, version), t0), Err(EngineError::PushInProgress));
+        assert_eq!(
+            e.begin_push(b, header(round, version), t0),
+            Err(EngineError::PushInProgress)
+        );
         e.abort_push(a, &EngineError::NoOpenPush(a));
         e.begin_push(b, header(round, version), t0).unwrap();
     }
@@ -1160,7 +1478,10 @@ mod tests {
         let (c, _) = e.join(WorkerInfo::default(), t2);
         let (round_c, _, shards_c) = train_task(&mut e, c, t2);
         assert_eq!(round_c, round);
-        assert_eq!(shards_c, lost_shards, "the replacement takes over the lost shards");
+        assert_eq!(
+            shards_c, lost_shards,
+            "the replacement takes over the lost shards"
+        );
         push_all(&mut e, c, round, [0.0; 6], t2).unwrap();
         assert_eq!(e.version(), Version(1));
         let used: Vec<WorkerId> = e.ledger().iter().map(|c| c.worker).collect();
@@ -1187,16 +1508,31 @@ mod tests {
             e.heartbeat(a, late - Duration::from_secs(5)).unwrap();
             e.heartbeat(b, late - Duration::from_secs(5)).unwrap();
             e.tick(late);
-            assert_eq!(e.push_chunk(b, 0, 4, values(&[9.0]), 4), Err(EngineError::NoOpenPush(b)));
+            assert_eq!(
+                e.push_chunk(b, 0, 4, values(&[9.0]), 4),
+                Err(EngineError::NoOpenPush(b))
+            );
             if expect_commit {
                 assert_eq!(e.version(), Version(1));
-                assert_eq!(e.global_params().as_slice(), &[0.0; 6], "only a's update counts");
+                assert_eq!(
+                    e.global_params().as_slice(),
+                    &[0.0; 6],
+                    "only a's update counts"
+                );
                 assert_eq!(e.ledger().len(), 1);
             } else {
                 assert_eq!(e.version(), Version(0));
                 assert!(e.ledger().is_empty());
                 let events = e.drain_events();
-                assert!(events.iter().any(|ev| matches!(ev, Event::RoundAborted { pushed: 1, needed: 2, returned_shards: 2, .. })));
+                assert!(events.iter().any(|ev| matches!(
+                    ev,
+                    Event::RoundAborted {
+                        pushed: 1,
+                        needed: 2,
+                        returned_shards: 2,
+                        ..
+                    }
+                )));
             }
             // Either way a new round starts for the live workers.
             assert!(e.current_round().is_some_and(|r| r > round));
@@ -1216,18 +1552,34 @@ mod tests {
         push_all(&mut e, a, round, [0.0; 6], t0).unwrap();
         push_all(&mut e, b, round, [0.0; 6], t0).unwrap();
         // One epoch of two shards is done.
-        let Task::Eval { version, eval_shards } = e.next_task(a, t0).unwrap() else { panic!("expected eval") };
+        let Task::Eval {
+            version,
+            eval_shards,
+        } = e.next_task(a, t0).unwrap()
+        else {
+            panic!("expected eval")
+        };
         assert_eq!((version, eval_shards.len()), (Version(1), 1));
         assert!(matches!(e.next_task(b, t0), Ok(Task::Wait { .. })));
-        assert_eq!(e.report_eval(b, version, 1.0, 10, t0), Err(EngineError::UnexpectedEval { worker: b, version }));
-        assert!(matches!(e.report_eval(a, version, f64::NAN, 10, t0), Err(EngineError::InvalidStats(_))));
+        assert_eq!(
+            e.report_eval(b, version, 1.0, 10, t0),
+            Err(EngineError::UnexpectedEval { worker: b, version })
+        );
+        assert!(matches!(
+            e.report_eval(a, version, f64::NAN, 10, t0),
+            Err(EngineError::InvalidStats(_))
+        ));
         e.report_eval(a, version, 1.25, 10, t0).unwrap();
         assert!(matches!(e.next_task(a, t0), Ok(Task::Done { .. })));
         assert!(!e.all_workers_released());
         assert!(matches!(e.next_task(b, t0), Ok(Task::Done { .. })));
         assert!(e.all_workers_released());
         let finished = e.drain_events().into_iter().find_map(|ev| match ev {
-            Event::JobFinished { final_eval_loss, epochs, .. } => Some((final_eval_loss, epochs)),
+            Event::JobFinished {
+                final_eval_loss,
+                epochs,
+                ..
+            } => Some((final_eval_loss, epochs)),
             _ => None,
         });
         assert_eq!(finished, Some((Some(1.25), 1)));
@@ -1244,11 +1596,20 @@ mod tests {
         ));
         let mut cfg = config();
         cfg.max_epochs = 0;
-        assert_eq!(RoundEngine::new(cfg, shards(2), vec![], vec![0.0; 6]).err(), Some(EngineConfigError::Endless));
+        assert_eq!(
+            RoundEngine::new(cfg, shards(2), vec![], vec![0.0; 6]).err(),
+            Some(EngineConfigError::Endless)
+        );
         assert_eq!(
             RoundEngine::new(config(), shards(2), vec![], vec![0.0; 5]).err(),
-            Some(EngineConfigError::InitialParams { got: 5, expected: 6 })
+            Some(EngineConfigError::InitialParams {
+                got: 5,
+                expected: 6
+            })
         );
-        assert_eq!(RoundEngine::new(config(), vec![], vec![], vec![0.0; 6]).err(), Some(EngineConfigError::NoShards));
+        assert_eq!(
+            RoundEngine::new(config(), vec![], vec![], vec![0.0; 6]).err(),
+            Some(EngineConfigError::NoShards)
+        );
     }
 }

@@ -25,7 +25,9 @@ pub struct ModelConfig {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {
     /// Normal with mean 0 and this standard deviation.
-    Normal { std: f32 },
+    Normal {
+        std: f32,
+    },
     Zeros,
     Ones,
 }
@@ -92,7 +94,7 @@ impl ModelConfig {
                 return Err(ModelConfigError::Zero { field });
             }
         }
-        if self.d_model % self.n_head != 0 {
+        if !self.d_model.is_multiple_of(self.n_head) {
             return Err(ModelConfigError::HeadsDoNotDivide {
                 d_model: self.d_model,
                 n_head: self.n_head,
@@ -113,23 +115,43 @@ impl ModelConfig {
         let proj_std = std / (2.0 * self.n_layer as f32).sqrt();
         let spec = |name: String, shape: Vec<usize>, init: Init| TensorSpec { name, shape, init };
         let mut specs = vec![
-            spec("wte".into(), vec![self.vocab_size as usize, d], Init::Normal { std }),
-            spec("wpe".into(), vec![self.context_length as usize, d], Init::Normal { std: 0.01 }),
+            spec(
+                "wte".into(),
+                vec![self.vocab_size as usize, d],
+                Init::Normal { std },
+            ),
+            spec(
+                "wpe".into(),
+                vec![self.context_length as usize, d],
+                Init::Normal { std: 0.01 },
+            ),
         ];
         for layer in 0..self.n_layer {
             let p = |suffix: &str| format!("h.{layer}.{suffix}");
             specs.extend([
                 spec(p("ln_1.weight"), vec![d], Init::Ones),
                 spec(p("ln_1.bias"), vec![d], Init::Zeros),
-                spec(p("attn.c_attn.weight"), vec![3 * d, d], Init::Normal { std }),
+                spec(
+                    p("attn.c_attn.weight"),
+                    vec![3 * d, d],
+                    Init::Normal { std },
+                ),
                 spec(p("attn.c_attn.bias"), vec![3 * d], Init::Zeros),
-                spec(p("attn.c_proj.weight"), vec![d, d], Init::Normal { std: proj_std }),
+                spec(
+                    p("attn.c_proj.weight"),
+                    vec![d, d],
+                    Init::Normal { std: proj_std },
+                ),
                 spec(p("attn.c_proj.bias"), vec![d], Init::Zeros),
                 spec(p("ln_2.weight"), vec![d], Init::Ones),
                 spec(p("ln_2.bias"), vec![d], Init::Zeros),
                 spec(p("mlp.c_fc.weight"), vec![4 * d, d], Init::Normal { std }),
                 spec(p("mlp.c_fc.bias"), vec![4 * d], Init::Zeros),
-                spec(p("mlp.c_proj.weight"), vec![d, 4 * d], Init::Normal { std: proj_std }),
+                spec(
+                    p("mlp.c_proj.weight"),
+                    vec![d, 4 * d],
+                    Init::Normal { std: proj_std },
+                ),
                 spec(p("mlp.c_proj.bias"), vec![d], Init::Zeros),
             ]);
         }
@@ -159,9 +181,15 @@ mod tests {
         config.n_head = 3;
         assert_eq!(
             config.validate(),
-            Err(ModelConfigError::HeadsDoNotDivide { d_model: 64, n_head: 3 })
+            Err(ModelConfigError::HeadsDoNotDivide {
+                d_model: 64,
+                n_head: 3
+            })
         );
         config.n_head = 0;
-        assert_eq!(config.validate(), Err(ModelConfigError::Zero { field: "n_head" }));
+        assert_eq!(
+            config.validate(),
+            Err(ModelConfigError::Zero { field: "n_head" })
+        );
     }
 }

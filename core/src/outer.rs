@@ -19,7 +19,10 @@ pub enum OuterOptimizerConfig {
 
 impl Default for OuterOptimizerConfig {
     fn default() -> Self {
-        OuterOptimizerConfig::Nesterov { lr: 0.7, momentum: 0.9 }
+        OuterOptimizerConfig::Nesterov {
+            lr: 0.7,
+            momentum: 0.9,
+        }
     }
 }
 
@@ -36,7 +39,9 @@ impl OuterOptimizerConfig {
         let lr_ok = |lr: f32| lr.is_finite() && lr > 0.0;
         match *self {
             OuterOptimizerConfig::Average => Ok(()),
-            OuterOptimizerConfig::Sgd { lr } if !lr_ok(lr) => Err(OuterConfigError::LearningRate(lr)),
+            OuterOptimizerConfig::Sgd { lr } if !lr_ok(lr) => {
+                Err(OuterConfigError::LearningRate(lr))
+            }
             OuterOptimizerConfig::Sgd { .. } => Ok(()),
             OuterOptimizerConfig::Nesterov { lr, .. } if !lr_ok(lr) => {
                 Err(OuterConfigError::LearningRate(lr))
@@ -93,8 +98,10 @@ impl OuterOptimizer {
                 }
             }
             OuterOptimizerConfig::Nesterov { lr, momentum: mu } => {
-                for ((out, &theta), m) in
-                    sum_then_next.iter_mut().zip(global).zip(self.momentum.iter_mut())
+                for ((out, &theta), m) in sum_then_next
+                    .iter_mut()
+                    .zip(global)
+                    .zip(self.momentum.iter_mut())
                 {
                     let g = *out * inv;
                     *m = mu * *m + g;
@@ -129,7 +136,13 @@ mod tests {
         // Two steps with constant gradient 1, lr 0.5, mu 0.9:
         // m1 = 1, theta1 = 0 - 0.5*(1 + 0.9) = -0.95
         // m2 = 1.9, theta2 = -0.95 - 0.5*(1 + 1.71) = -2.305
-        let mut opt = OuterOptimizer::new(OuterOptimizerConfig::Nesterov { lr: 0.5, momentum: 0.9 }, 1);
+        let mut opt = OuterOptimizer::new(
+            OuterOptimizerConfig::Nesterov {
+                lr: 0.5,
+                momentum: 0.9,
+            },
+            1,
+        );
         let mut buf = [1.0f32];
         opt.step(&[0.0], &mut buf, 1);
         assert!((buf[0] + 0.95).abs() < 1e-6);
@@ -142,9 +155,16 @@ mod tests {
     #[test]
     fn invalid_settings_are_named() {
         assert_eq!(
-            OuterOptimizerConfig::Nesterov { lr: 0.7, momentum: 1.0 }.validate(),
+            OuterOptimizerConfig::Nesterov {
+                lr: 0.7,
+                momentum: 1.0
+            }
+            .validate(),
             Err(OuterConfigError::Momentum(1.0))
         );
-        assert_eq!(OuterOptimizerConfig::Sgd { lr: -1.0 }.validate(), Err(OuterConfigError::LearningRate(-1.0)));
+        assert_eq!(
+            OuterOptimizerConfig::Sgd { lr: -1.0 }.validate(),
+            Err(OuterConfigError::LearningRate(-1.0))
+        );
     }
 }

@@ -35,7 +35,10 @@ impl ParamLayout {
                 slot
             })
             .collect();
-        ParamLayout { tensors, total: offset }
+        ParamLayout {
+            tensors,
+            total: offset,
+        }
     }
 
     /// Total number of scalar parameters.
@@ -92,7 +95,11 @@ mod tests {
         assert_eq!(a, init_params(&specs, 42));
         assert_ne!(a, init_params(&specs, 43));
         let layout = ParamLayout::new(&specs);
-        let ln = layout.tensors().iter().find(|t| t.name == "ln_f.weight").unwrap();
+        let ln = layout
+            .tensors()
+            .iter()
+            .find(|t| t.name == "ln_f.weight")
+            .unwrap();
         assert!(a[ln.offset..ln.offset + ln.numel].iter().all(|&x| x == 1.0));
         let wte = &layout.tensors()[0];
         let values = &a[wte.offset..wte.offset + wte.numel];

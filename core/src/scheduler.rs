@@ -78,7 +78,10 @@ impl ShardScheduler {
 
     /// Moves to the next epoch. Only valid once the current one is complete.
     pub fn start_next_epoch(&mut self) {
-        assert!(self.epoch_complete(), "next epoch started with shards outstanding");
+        assert!(
+            self.epoch_complete(),
+            "next epoch started with shards outstanding"
+        );
         self.epoch += 1;
         self.refill();
     }
@@ -99,7 +102,12 @@ impl ShardScheduler {
         for &shard in &shards {
             let (_, round) = self.leased.remove(&shard).expect("leased shard");
             self.consumed_this_epoch += 1;
-            self.ledger.push(Consumption { epoch: self.epoch, shard, round, worker });
+            self.ledger.push(Consumption {
+                epoch: self.epoch,
+                shard,
+                round,
+                worker,
+            });
         }
         shards
     }

@@ -36,7 +36,11 @@ pub enum ShardFileError {
     #[error("header says {expected} tokens but the file holds {actual}")]
     LengthMismatch { expected: u64, actual: u64 },
     #[error("token {index} is {token}, outside the vocabulary of {vocab_size}")]
-    TokenOutOfRange { index: usize, token: u32, vocab_size: u32 },
+    TokenOutOfRange {
+        index: usize,
+        token: u32,
+        vocab_size: u32,
+    },
 }
 
 fn token_bytes_for(vocab_size: u32) -> u32 {
@@ -88,7 +92,11 @@ pub fn decode_header(bytes: &[u8]) -> Result<ShardHeader, ShardFileError> {
         return Err(ShardFileError::TokenWidth(token_bytes));
     }
     let num_tokens = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
-    Ok(ShardHeader { token_bytes, vocab_size: u32_at(bytes, 16), num_tokens })
+    Ok(ShardHeader {
+        token_bytes,
+        vocab_size: u32_at(bytes, 16),
+        num_tokens,
+    })
 }
 
 /// Decodes a whole shard file, checking its length and every token id.
@@ -96,13 +104,20 @@ pub fn decode(bytes: &[u8]) -> Result<(ShardHeader, Vec<u32>), ShardFileError> {
     let header = decode_header(bytes)?;
     let body = &bytes[HEADER_LEN..];
     let actual = (body.len() / header.token_bytes as usize) as u64;
-    if body.len() % header.token_bytes as usize != 0 || actual != header.num_tokens {
-        return Err(ShardFileError::LengthMismatch { expected: header.num_tokens, actual });
+    if !body.len().is_multiple_of(header.token_bytes as usize) || actual != header.num_tokens {
+        return Err(ShardFileError::LengthMismatch {
+            expected: header.num_tokens,
+            actual,
+        });
     }
     let tokens: Vec<u32> = if header.token_bytes == 2 {
-        body.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect()
+        body.chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
+            .collect()
     } else {
-        body.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        body.chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
     };
     if let Some(index) = tokens.iter().position(|&t| t >= header.vocab_size) {
         return Err(ShardFileError::TokenOutOfRange {
@@ -135,7 +150,10 @@ mod tests {
         assert_eq!(decode(&bytes[..10]), Err(ShardFileError::TooShort(10)));
         assert_eq!(
             decode(&bytes[..bytes.len() - 2]),
-            Err(ShardFileError::LengthMismatch { expected: 3, actual: 2 })
+            Err(ShardFileError::LengthMismatch {
+                expected: 3,
+                actual: 2
+            })
         );
         let mut bad = bytes.clone();
         bad[0] = b'X';
@@ -144,7 +162,11 @@ mod tests {
         out_of_range[16..20].copy_from_slice(&2u32.to_le_bytes());
         assert_eq!(
             decode(&out_of_range),
-            Err(ShardFileError::TokenOutOfRange { index: 1, token: 2, vocab_size: 2 })
+            Err(ShardFileError::TokenOutOfRange {
+                index: 1,
+                token: 2,
+                vocab_size: 2
+            })
         );
     }
 }

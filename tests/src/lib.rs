@@ -1,0 +1,307 @@
+//! Harness for the end-to-end tests: real `cohort-coordinator` and
+//! `cohort-worker` processes on loopback, each in a temp dir, killed on drop,
+//! with their output captured and shown when a test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root (this crate lives in `tests/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// A binary built by `cargo build --workspace --bins` in the same profile as the test.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// Polls `condition` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    condition()
+}
+
+/// A child process whose output goes to a log file; killed when dropped.
+pub struct Proc {
+    pub name: String,
+    command_line: String,
+    child: Child,
+    log: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Proc {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let command_line = format!("{} {}", program.display(), args.join(" "));
+        Proc {
+            name: name.to_string(),
+            command_line,
+            child,
+            log,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Exit status if the process has ended.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status
+    }
+
+    /// Waits for the process to exit; panics with its output after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        if wait_until(timeout, || self.try_status().is_some()) {
+            return self.status.expect("status");
+        }
+        let _ = self.child.kill();
+        panic!(
+            "{}",
+            self.report(&format!("did not exit within {timeout:?}"))
+        );
+    }
+
+    /// Waits and asserts a zero exit.
+    pub fn wait_success(&mut self, timeout: Duration) {
+        let status = self.wait(timeout);
+        assert!(
+            status.success(),
+            "{}",
+            self.report(&format!("exited with {status}"))
+        );
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The failure text: command line, status and the tail of the output.
+    pub fn report(&self, what: &str) -> String {
+        let output = self.output();
+        let tail: String = {
+            let lines: Vec<&str> = output.lines().collect();
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        };
+        format!(
+            "{} {what}\ncommand: {}\n--- last output ---\n{tail}\n---",
+            self.name, self.command_line
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.try_status().is_none() {
+            self.kill();
+        }
+    }
+}
+
+/// A job's directory: data prepared from the committed fixture, a job file,
+/// and the processes running it.
+pub struct Job {
+    pub dir: tempfile::TempDir,
+    pub coordinator: Option<Proc>,
+    pub workers: Vec<Proc>,
+    pub addr: Option<String>,
+}
+
+/// Options for preparing the fixture corpus.
+pub struct DataOptions {
+    pub context_length: u32,
+    pub shard_tokens: u64,
+    pub val_every: usize,
+}
+
+impl Job {
+    /// Prepares `data/fixtures/sotu` (byte-level) into `<dir>/data`.
+    pub fn new(data: DataOptions) -> Job {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fixture = workspace_root().join("data/fixtures/sotu");
+        let args: Vec<String> = vec![
+            "prepare".into(),
+            "--input".into(),
+            fixture.display().to_string(),
+            "--output".into(),
+            dir.path().join("data").display().to_string(),
+            "--tokenizer".into(),
+            "byte".into(),
+            "--context-length".into(),
+            data.context_length.to_string(),
+            "--shard-tokens".into(),
+            data.shard_tokens.to_string(),
+            "--val-every".into(),
+            data.val_every.to_string(),
+        ];
+        let mut prepare = Proc::spawn("prepare", &binary("cohort-coordinator"), &args, dir.path());
+        prepare.wait_success(Duration::from_secs(60));
+        Job {
+            dir,
+            coordinator: None,
+            workers: Vec::new(),
+            addr: None,
+        }
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    pub fn manifest(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.path("data/manifest.json")).expect("manifest");
+        serde_json::from_str(&text).expect("manifest json")
+    }
+
+    /// Writes the job file (`data_dir = "data"`, `run_dir = "run"` are prepended).
+    pub fn write_job(&self, body: &str) -> PathBuf {
+        let path = self.path("job.toml");
+        std::fs::write(
+            &path,
+            format!("data_dir = \"data\"\nrun_dir = \"run\"\n{body}"),
+        )
+        .expect("job file");
+        path
+    }
+
+    /// Starts the coordinator on 127.0.0.1:0 and waits until it listens.
+    pub fn start_coordinator(&mut self) {
+        let addr_file = self.path("addr");
+        let args = vec![
+            "run".into(),
+            "--job".into(),
+            self.path("job.toml").display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--addr-file".into(),
+            addr_file.display().to_string(),
+        ];
+        let mut proc = Proc::spawn(
+            "coordinator",
+            &binary("cohort-coordinator"),
+            &args,
+            self.dir.path(),
+        );
+        let up = wait_until(Duration::from_secs(30), || {
+            addr_file.exists() || proc.try_status().is_some()
+        });
+        assert!(
+            up && addr_file.exists(),
+            "{}",
+            proc.report("did not start listening")
+        );
+        self.addr = Some(format!(
+            "http://{}",
+            std::fs::read_to_string(&addr_file).expect("addr")
+        ));
+        self.coordinator = Some(proc);
+    }
+
+    /// Starts a pretraining worker against the running coordinator.
+    pub fn start_worker(&mut self, extra: &[&str]) {
+        let name = format!("worker-{}", self.workers.len());
+        let mut args: Vec<String> = vec![
+            "pretrain".into(),
+            "--coordinator".into(),
+            self.addr.clone().expect("coordinator started"),
+            "--data-dir".into(),
+            self.path("data").display().to_string(),
+            "--device".into(),
+            "cpu".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn(&name, &binary("cohort-worker"), &args, self.dir.path());
+        self.workers.push(proc);
+    }
+
+    /// Waits for the coordinator and every worker to exit with status 0.
+    pub fn wait_all(&mut self, timeout: Duration) {
+        let coordinator = self.coordinator.as_mut().expect("coordinator");
+        coordinator.wait_success(timeout);
+        for worker in &mut self.workers {
+            worker.wait_success(Duration::from_secs(30));
+        }
+    }
+
+    /// The run directory's per-round metrics (one JSON value per line).
+    pub fn metrics(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.path("run/metrics.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("metrics line"))
+            .collect()
+    }
+
+    pub fn ledger(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.path("run/ledger.json")).expect("ledger.json");
+        serde_json::from_str(&text).expect("ledger json")
+    }
+
+    /// The final checkpoint's tensors, by name.
+    pub fn checkpoint(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let last = self
+            .metrics()
+            .into_iter()
+            .rev()
+            .find(|m| m["final"] == true)
+            .expect("final metrics line");
+        let path = PathBuf::from(last["checkpoint"].as_str().expect("checkpoint path"));
+        let bytes = std::fs::read(&path).expect("checkpoint file");
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        let mut out: Vec<_> = tensors
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                (
+                    name,
+                    view.shape().to_vec(),
+                    bytemuck::pod_collect_to_vec(view.data()),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
