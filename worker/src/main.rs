@@ -1,0 +1,137 @@
+//! The `cohort-worker` binary: parses flags, installs logging and runs the pretraining worker loop.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use cohort_worker::client::{self, ClientConfig, RetryPolicy};
+use cohort_worker::device::{device_name, DeviceRequest};
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(name = "cohort-worker", version, about = "Cohort's pretraining worker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Join a coordinator and train on the shards it leases until the job is done.
+    Pretrain(PretrainArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+struct PretrainArgs {
+    /// Coordinator address, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "COHORT_COORDINATOR")]
+    coordinator: String,
+    /// Directory holding the token shards named by the coordinator.
+    #[arg(long, env = "COHORT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// auto, cpu, cuda or cuda:N. Asking for CUDA without CUDA is an error.
+    #[arg(long, env = "COHORT_DEVICE", default_value = "auto")]
+    device: DeviceRequest,
+    /// libtorch intra-op threads.
+    #[arg(long, env = "COHORT_THREADS", default_value_t = 1)]
+    threads: usize,
+    /// Where the inner optimizer state is saved after each round and loaded at start
+    /// (one directory per worker).
+    #[arg(long, env = "COHORT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Log line format; filter with RUST_LOG (default info).
+    #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Attempts per coordinator call before giving up on transient failures
+    /// (backoff 200 ms doubling to 5 s; the default waits about a minute).
+    #[arg(long, env = "COHORT_RETRY_ATTEMPTS", default_value_t = RetryPolicy::default().max_attempts)]
+    retry_attempts: u32,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn pretrain(args: PretrainArgs) -> anyhow::Result<()> {
+    let device = args
+        .device
+        .resolve()
+        .with_context(|| format!("cannot use --device {}", args.device))?;
+    if !args.data_dir.is_dir() {
+        bail!("--data-dir {} is not a directory", args.data_dir.display());
+    }
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let config = ClientConfig {
+        coordinator: args.coordinator.clone(),
+        data_dir: args.data_dir,
+        device,
+        threads: args.threads,
+        state_dir: args.state_dir,
+        retry: RetryPolicy {
+            max_attempts: args.retry_attempts.max(1),
+            ..RetryPolicy::default()
+        },
+        hostname: client::hostname(),
+        device_memory_bytes: 0,
+    };
+    info!(
+        coordinator = %config.coordinator,
+        device = %device_name(device),
+        threads = config.threads,
+        version = env!("CARGO_PKG_VERSION"),
+        "worker starting"
+    );
+    tokio::select! {
+        result = client::run(config) => {
+            let summary = result.context("worker stopped")?;
+            info!(rounds = summary.rounds_pushed, evals = summary.evals_reported, joins = summary.joins, "worker finished");
+            Ok(())
+        }
+        signal = tokio::signal::ctrl_c() => {
+            signal.context("cannot listen for ctrl-c")?;
+            warn!("interrupted, stopping");
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Pretrain(args) = cli.command;
+    init_tracing(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cohort-worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(pretrain(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = format!("{e:#}"), "worker failed");
+            eprintln!("cohort-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
