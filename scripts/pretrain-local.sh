@@ -49,3 +49,4 @@ wait "$coordinator"
 for pid in "${pids[@]}"; do wait "$pid" || echo "a worker exited with an error; see $run_dir" >&2; done
 pids=()
 echo "per-round metrics: $run_dir/metrics.jsonl"
+echo "summary: $(tail -n 1 "$run_dir/metrics.jsonl")"

@@ -243,10 +243,7 @@ impl RunRecords {
             version = s.new_version.0,
             workers = s.participants,
             loss = format_args!("{:.4}", s.mean_loss),
-            eval_loss = s
-                .eval_loss
-                .map(|l| format!("{l:.4}"))
-                .unwrap_or_else(|| "-".into()),
+            eval_loss = s.eval_loss.map(|l| (l * 1e4).round() / 1e4),
             tokens_per_s = format_args!("{:.0}", s.tokens_per_second),
             bytes_moved,
             wall_s = format_args!("{:.2}", s.wall.as_secs_f64()),

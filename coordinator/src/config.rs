@@ -203,6 +203,28 @@ pub struct JobPlan {
     pub eval_shards: Vec<ShardInfo>,
 }
 
+/// Removes `.` and `name/..` pairs without touching the filesystem, so logs
+/// show `runs/x` rather than `jobs/../runs/x`.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
 impl JobFile {
     pub fn load(path: &Path) -> Result<JobFile, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -219,10 +241,10 @@ impl JobFile {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         if job.data_dir.is_relative() {
-            job.data_dir = base.join(&job.data_dir);
+            job.data_dir = normalize(&base.join(&job.data_dir));
         }
         if job.run_dir.is_relative() {
-            job.run_dir = base.join(&job.run_dir);
+            job.run_dir = normalize(&base.join(&job.run_dir));
         }
         Ok(job)
     }
@@ -407,5 +429,21 @@ impl JobFile {
             train_shards,
             eval_shards,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_resolve_against_the_job_file_without_dot_dots() {
+        assert_eq!(
+            normalize(Path::new("jobs/../runs/x")),
+            PathBuf::from("runs/x")
+        );
+        assert_eq!(normalize(Path::new("./a/./b/../c")), PathBuf::from("a/c"));
+        assert_eq!(normalize(Path::new("../up")), PathBuf::from("../up"));
+        assert_eq!(normalize(Path::new("a/..")), PathBuf::from("."));
     }
 }
