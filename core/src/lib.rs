@@ -15,6 +15,7 @@
 //! - [`engine`]: the round state machine that ties them together.
 //! - [`shard_file`]: the on-disk token shard format (encode/decode of bytes).
 //! - [`rng`]: a small seeded PRNG so that runs are reproducible.
+//! - [`privacy`]: differential-privacy accounting (RDP of the sampled Gaussian).
 
 pub mod aggregate;
 pub mod codec;
@@ -24,6 +25,7 @@ pub mod ids;
 pub mod model;
 pub mod outer;
 pub mod params;
+pub mod privacy;
 pub mod rng;
 pub mod scheduler;
 pub mod shard_file;
