@@ -9,7 +9,6 @@ use cohort_core::params::init_params;
 use cohort_proto::v1::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::actor::{self, JobOutcome};
@@ -74,19 +73,25 @@ pub async fn run(
             _ = done_rx.wait_for(|done| *done) => {}
         }
     };
+    let address = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     info!(
-        address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        address = %address,
         job = %plan.name,
         parameters = plan.engine.tensors.iter().map(|t| t.numel()).sum::<usize>(),
         train_shards = plan.train_shards.len(),
         eval_shards = plan.eval_shards.len(),
         "coordinator serving"
     );
+    // The builder's tcp_nodelay does not apply to an incoming stream: set it
+    // here. With Nagle on, a 40 MB push took 1.26 s instead of 0.07 s.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .max_frame_size(Some(HTTP2_MAX_FRAME_SIZE))
         .add_service(CoordinatorServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_stop)
+        .serve_with_incoming_shutdown(incoming, server_stop)
         .await?;
     Ok(actor_task.await??)
 }

@@ -5,8 +5,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cohort_core::codec::{decode_into, DType};
-use cohort_core::engine::{EngineError, FiniteValues};
+use cohort_core::codec::{DType, FiniteValues};
+use cohort_core::engine::EngineError;
 use cohort_core::ids::{Version, WorkerId};
 use cohort_core::params::ParamLayout;
 use cohort_proto::v1 as pb;
@@ -94,17 +94,20 @@ impl CoordinatorService {
                 None => return Err(Status::invalid_argument("empty update message")),
             };
             let wire_bytes = chunk.data.len();
-            decode_into(dtype, &chunk.data, &mut values).map_err(|e| status_from_codec(&e))?;
-            let finite = FiniteValues::new(std::mem::take(&mut values)).map_err(|index| {
-                Status::invalid_argument(format!("value {index} is not finite"))
-            })?;
+            let finite = FiniteValues::decode(dtype, &chunk.data, std::mem::take(&mut values))
+                .map_err(|e| status_from_codec(&e))?;
             let tensor = chunk.tensor_index as usize;
             let offset = usize::try_from(chunk.offset)
                 .map_err(|_| Status::invalid_argument("offset overflows"))?;
-            self.engine_call(move |engine, _| {
-                engine.push_chunk(worker, tensor, offset, finite, wire_bytes)
-            })
-            .await?;
+            let (folded, buffer) = self
+                .engine
+                .call(move |engine, _| {
+                    let folded = engine.push_chunk(worker, tensor, offset, &finite, wire_bytes);
+                    (folded, finite.into_inner())
+                })
+                .await?;
+            values = buffer;
+            folded.map_err(|e| status_from_engine(&e))?;
         }
         let receipt = self
             .engine_call(move |engine, now| engine.finish_push(worker, now))

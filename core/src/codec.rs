@@ -45,10 +45,11 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(),
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
         ),
+        // bf16 is the top half of an f32: widening is a shift, and vectorises.
         DType::Bf16 => out.extend(
             bytes
                 .chunks_exact(2)
-                .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+                .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
         ),
     }
     // A separate pass: the decode loop above stays branch-free and vectorises.
@@ -60,6 +61,40 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(),
         });
     }
     Ok(())
+}
+
+/// Decoded values, known to be finite: built only by [`FiniteValues::new`]
+/// or [`FiniteValues::decode`], so the engine can fold them without checking again.
+#[derive(Debug, PartialEq)]
+pub struct FiniteValues(Vec<f32>);
+
+impl FiniteValues {
+    /// Takes `values` if every one is finite; otherwise gives back the index of the first that is not.
+    pub fn new(values: Vec<f32>) -> Result<FiniteValues, usize> {
+        match values.iter().position(|x| !x.is_finite()) {
+            Some(index) => Err(index),
+            None => Ok(FiniteValues(values)),
+        }
+    }
+
+    /// Decodes a payload into `buffer` (reused, to spare an allocation per chunk).
+    pub fn decode(
+        dtype: DType,
+        bytes: &[u8],
+        mut buffer: Vec<f32>,
+    ) -> Result<FiniteValues, CodecError> {
+        decode_into(dtype, bytes, &mut buffer)?;
+        Ok(FiniteValues(buffer))
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        &self.0
+    }
+
+    /// The buffer back, for reuse.
+    pub fn into_inner(self) -> Vec<f32> {
+        self.0
+    }
 }
 
 /// Encodes values as little-endian `dtype` (bf16 rounds to nearest even).
@@ -106,6 +141,16 @@ mod tests {
             &mut out,
         );
         assert!(matches!(err, Err(CodecError::NonFinite { index: 0, .. })));
+    }
+
+    #[test]
+    fn bf16_widening_matches_the_half_crate() {
+        let values: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.37).collect();
+        let mut out = Vec::new();
+        decode_into(DType::Bf16, &encode(DType::Bf16, &values), &mut out).unwrap();
+        for (x, y) in values.iter().zip(&out) {
+            assert_eq!(bf16::from_f32(*x).to_f32().to_bits(), y.to_bits());
+        }
     }
 
     #[test]

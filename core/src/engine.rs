@@ -170,27 +170,7 @@ pub struct PushHeader {
     pub stats: PushStats,
 }
 
-/// Decoded chunk values, known to be finite (built only by [`FiniteValues::new`]).
-#[derive(Debug, PartialEq)]
-pub struct FiniteValues(Vec<f32>);
-
-impl FiniteValues {
-    /// Takes `values` if every one is finite; otherwise gives back the index of the first that is not.
-    pub fn new(values: Vec<f32>) -> Result<FiniteValues, usize> {
-        match values.iter().position(|x| !x.is_finite()) {
-            Some(index) => Err(index),
-            None => Ok(FiniteValues(values)),
-        }
-    }
-
-    pub fn as_slice(&self) -> &[f32] {
-        &self.0
-    }
-
-    pub fn into_inner(self) -> Vec<f32> {
-        self.0
-    }
-}
+pub use crate::codec::FiniteValues;
 
 /// What a worker should do next.
 #[derive(Clone, Debug, PartialEq)]
@@ -853,7 +833,7 @@ impl RoundEngine {
         worker: WorkerId,
         tensor_index: usize,
         offset: usize,
-        values: FiniteValues,
+        values: &FiniteValues,
         wire_bytes: usize,
     ) -> Result<(), EngineError> {
         let result = self.fold_chunk(worker, tensor_index, offset, values.as_slice(), wire_bytes);
@@ -1285,8 +1265,8 @@ mod tests {
         now: Instant,
     ) -> Result<PushReceipt, EngineError> {
         e.begin_push(w, header(round, e.version()), now)?;
-        e.push_chunk(w, 0, 0, values(&delta[..4]), 16)?;
-        e.push_chunk(w, 1, 0, values(&delta[4..]), 8)?;
+        e.push_chunk(w, 0, 0, &values(&delta[..4]), 16)?;
+        e.push_chunk(w, 1, 0, &values(&delta[4..]), 8)?;
         e.finish_push(w, now)
     }
 
@@ -1401,21 +1381,21 @@ mod tests {
         ];
         for (tensor, offset, chunk) in bad_chunks {
             e.begin_push(a, header(round, version), t0).unwrap();
-            e.push_chunk(a, 0, 0, values(&[100.0, 100.0]), 8).unwrap();
-            let result = e.push_chunk(a, tensor, offset, values(&chunk), chunk.len() * 4);
+            e.push_chunk(a, 0, 0, &values(&[100.0, 100.0]), 8).unwrap();
+            let result = e.push_chunk(a, tensor, offset, &values(&chunk), chunk.len() * 4);
             assert!(
                 result.is_err(),
                 "chunk ({tensor}, {offset}, {chunk:?}) accepted"
             );
             assert_eq!(
-                e.push_chunk(a, 0, 2, values(&[1.0]), 4),
+                e.push_chunk(a, 0, 2, &values(&[1.0]), 4),
                 Err(EngineError::NoOpenPush(a)),
                 "push closed"
             );
         }
         // A push that ends early is refused too.
         e.begin_push(a, header(round, version), t0).unwrap();
-        e.push_chunk(a, 0, 0, values(&[100.0; 4]), 16).unwrap();
+        e.push_chunk(a, 0, 0, &values(&[100.0; 4]), 16).unwrap();
         assert_eq!(
             e.finish_push(a, t0),
             Err(EngineError::IncompletePush {
@@ -1503,13 +1483,13 @@ mod tests {
             push_all(&mut e, a, round, [1.0; 6], t0).unwrap();
             // b is still pushing when the deadline passes.
             e.begin_push(b, header(round, version), t0).unwrap();
-            e.push_chunk(b, 0, 0, values(&[9.0; 4]), 16).unwrap();
+            e.push_chunk(b, 0, 0, &values(&[9.0; 4]), 16).unwrap();
             let late = t0 + Duration::from_secs(61);
             e.heartbeat(a, late - Duration::from_secs(5)).unwrap();
             e.heartbeat(b, late - Duration::from_secs(5)).unwrap();
             e.tick(late);
             assert_eq!(
-                e.push_chunk(b, 0, 4, values(&[9.0]), 4),
+                e.push_chunk(b, 0, 4, &values(&[9.0]), 4),
                 Err(EngineError::NoOpenPush(b))
             );
             if expect_commit {
