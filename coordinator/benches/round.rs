@@ -17,12 +17,6 @@
 //! (`COHORT_ROUND_BENCH_P=1000000,10000000 COHORT_ROUND_BENCH_N=2,8,32` are the
 //! defaults; without `--bench`, e.g. under `cargo test --benches`, a small smoke
 //! configuration runs instead.)
-//!
-//! Experiment: `COHORT_ROUND_BENCH_LISTENER_NODELAY=1` sets `TCP_NODELAY` on the
-//! coordinator's listening socket, which Linux copies to accepted sockets.
-//! `server::run` asks tonic for `tcp_nodelay(true)`, but tonic ignores that
-//! setting for `serve_with_incoming_shutdown`, so by default the coordinator's
-//! sockets run with Nagle's algorithm on; the switch shows what that costs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -39,14 +33,13 @@ use cohort_core::rng::SplitMix64;
 use cohort_proto::v1 as pb;
 use cohort_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Barrier;
 use tonic::transport::{Channel, Endpoint};
 
 const CHILD_ENV: &str = "COHORT_ROUND_BENCH_CHILD";
 const P_ENV: &str = "COHORT_ROUND_BENCH_P";
 const N_ENV: &str = "COHORT_ROUND_BENCH_N";
-const NODELAY_ENV: &str = "COHORT_ROUND_BENCH_LISTENER_NODELAY";
 /// Bytes per pushed chunk (the coordinator's default `max_chunk_bytes`).
 const CHUNK_BYTES: usize = 256 * 1024;
 /// Combinations whose clients would need more than this are skipped.
@@ -76,10 +69,6 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(parent_main(&ps, &ns))
-}
-
-fn listener_nodelay() -> bool {
-    std::env::var(NODELAY_ENV).is_ok_and(|v| v == "1")
 }
 
 fn list_from_env(name: &str, default: &[usize]) -> Result<Vec<usize>> {
@@ -166,14 +155,7 @@ fn print_table(rows: &[Row]) {
     let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
     let opt_mib = |bytes: Option<u64>| bytes.map_or("-".to_string(), |b| format!("{:.0}", mib(b)));
     println!();
-    println!(
-        "One round on loopback (f32, 256 KiB chunks, one connection per worker{})",
-        if listener_nodelay() {
-            "; experiment: TCP_NODELAY on the coordinator's listener"
-        } else {
-            ""
-        }
-    );
+    println!("One round on loopback (f32, 256 KiB chunks, one connection per worker)");
     println!(
         "{:>10} {:>3} {:>8} {:>8} {:>9} {:>6} {:>10} {:>6} {:>7} {:>9} {:>8}",
         "P",
@@ -601,14 +583,7 @@ chunk_timeout_ms = 120000
         shape: vec![p],
         init: Init::Zeros,
     }];
-    let listener = if listener_nodelay() {
-        let socket = TcpSocket::new_v4()?;
-        socket.set_nodelay(true)?;
-        socket.bind("127.0.0.1:0".parse()?)?;
-        socket.listen(1024)?
-    } else {
-        TcpListener::bind("127.0.0.1:0").await?
-    };
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
     publish_address(&listener, addr_file)?;
     let outcome = server::run(listener, plan, std::future::pending()).await?;
     ensure!(outcome.finished, "job did not finish: {outcome:?}");

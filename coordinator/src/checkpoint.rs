@@ -9,7 +9,7 @@ use cohort_core::params::ParamLayout;
 use cohort_core::scheduler::Consumption;
 use safetensors::tensor::{Dtype, TensorView};
 
-use crate::data::{write_atomically, DataError};
+use crate::data::{replace_atomically, write_atomically, DataError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -47,8 +47,19 @@ pub fn write_params(
                 .map(|view| (slot.name.clone(), view))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let serialized = safetensors::tensor::serialize(views, Some(metadata))?;
-    write_atomically(path, &serialized)?;
+    // Streamed to the file: no second copy of the model in memory.
+    let mut failure = None;
+    replace_atomically(path, |tmp| {
+        safetensors::tensor::serialize_to_file(views, Some(metadata), tmp).map_err(|e| {
+            let message = e.to_string();
+            failure = Some(e);
+            std::io::Error::other(message)
+        })
+    })
+    .map_err(|e| match failure.take() {
+        Some(serialize) => CheckpointError::Serialize(serialize),
+        None => CheckpointError::Write(e),
+    })?;
     Ok(())
 }
 

@@ -298,10 +298,23 @@ pub fn prepare(options: &PrepareOptions) -> Result<DataManifest, DataError> {
 
 /// Writes a file so that readers see the old content or the new, never a torn one.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
+    replace_atomically(path, |tmp| {
+        let mut file = std::fs::File::create(tmp)?;
+        file.write_all(bytes)
+    })
+}
+
+/// Lets `write` fill a temporary file beside `path`, then fsyncs it, renames
+/// it over `path` and fsyncs the directory.
+pub fn replace_atomically(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<(), DataError> {
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(io_error(&tmp))?;
-    file.write_all(bytes).map_err(io_error(&tmp))?;
-    file.sync_all().map_err(io_error(&tmp))?;
+    write(&tmp).map_err(io_error(&tmp))?;
+    std::fs::File::open(&tmp)
+        .and_then(|file| file.sync_all())
+        .map_err(io_error(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_error(path))?;
     if let Some(dir) = path.parent() {
         if let Ok(dir) = std::fs::File::open(dir) {
