@@ -16,6 +16,7 @@ use pb::coordinator_client::CoordinatorClient;
 use tch::Device;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::Instrument;
 use tracing::{debug, error, info, warn};
 
 use crate::data::{self, DataError};
@@ -720,9 +721,23 @@ impl Worker {
             };
             let outcome = match task {
                 Some(pb::next_task_response::Task::Train(train)) => {
-                    self.train(session, train).await
+                    // One span per round: every line the round logs carries its ids.
+                    let span = tracing::info_span!(
+                        "round",
+                        worker = %session.worker_id,
+                        round = train.round,
+                        version = train.version
+                    );
+                    self.train(session, train).instrument(span).await
                 }
-                Some(pb::next_task_response::Task::Eval(eval)) => self.eval(session, eval).await,
+                Some(pb::next_task_response::Task::Eval(eval)) => {
+                    let span = tracing::info_span!(
+                        "eval",
+                        worker = %session.worker_id,
+                        version = eval.version
+                    );
+                    self.eval(session, eval).instrument(span).await
+                }
                 Some(pb::next_task_response::Task::Wait(wait)) => {
                     let ms = wait.retry_after_ms.clamp(10, 60_000);
                     debug!(retry_after_ms = ms, "waiting");
