@@ -5,14 +5,21 @@
 //! the actor's task with the current time, so the engine needs no lock. The
 //! actor also ticks the engine (leases, deadlines) and turns its events into
 //! logs, metrics lines and checkpoints.
+//!
+//! Every `checkpoint_every` committed rounds the engine's snapshot, an `Arc`
+//! of the published parameters and a copy of the momentum buffer go to a
+//! blocking task that writes them to the run store, off the actor's path. The
+//! checkpoints at the end of the job and on shutdown are written in place,
+//! before the actor returns.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cohort_core::engine::{Event, RoundEngine, RoundSummary};
+use cohort_core::engine::{EngineSnapshot, Event, RoundEngine, RoundSummary};
 use cohort_core::ids::Version;
+use cohort_core::params::ParamLayout;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
@@ -20,6 +27,69 @@ use tracing::{error, info, warn};
 
 use crate::checkpoint::{checkpoint_path, write_ledger, write_params};
 use crate::config::JobPlan;
+use crate::store::RunStore;
+
+/// The run store, shared with the blocking tasks that write checkpoints.
+/// Checkpoints are numbered as they are taken; one older than the last
+/// written is dropped, so a late background write never follows a newer one.
+pub struct SharedStore {
+    store: RunStore,
+    last_written: u64,
+}
+
+impl SharedStore {
+    pub fn new(store: RunStore) -> Arc<Mutex<SharedStore>> {
+        Arc::new(Mutex::new(SharedStore {
+            store,
+            last_written: 0,
+        }))
+    }
+}
+
+/// Everything a checkpoint needs, taken from the engine at one moment.
+struct CheckpointJob {
+    sequence: u64,
+    snapshot: EngineSnapshot,
+    layout: ParamLayout,
+    params: Arc<Vec<f32>>,
+    momentum: Vec<f32>,
+}
+
+impl CheckpointJob {
+    /// Writes the checkpoint to the store; logs the outcome.
+    fn run(self, store: &Mutex<SharedStore>) -> bool {
+        let started = Instant::now();
+        let mut shared = match store.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if self.sequence <= shared.last_written {
+            return false;
+        }
+        match shared.store.write_checkpoint(
+            &self.snapshot,
+            &self.layout,
+            &self.params,
+            &self.momentum,
+        ) {
+            Ok(record) => {
+                shared.last_written = self.sequence;
+                info!(
+                    version = record.version,
+                    next_round = record.next_round,
+                    file = %record.file_name,
+                    ms = started.elapsed().as_millis() as u64,
+                    "checkpoint stored"
+                );
+                true
+            }
+            Err(e) => {
+                error!(error = %e, version = self.snapshot.version.0, "storing a checkpoint failed");
+                false
+            }
+        }
+    }
+}
 
 type EngineCall = Box<dyn FnOnce(&mut RoundEngine, Instant) + Send>;
 
@@ -69,12 +139,13 @@ fn now() -> Instant {
 pub fn spawn(
     engine: RoundEngine,
     plan: Arc<JobPlan>,
+    store: Option<Arc<Mutex<SharedStore>>>,
     mut stop: watch::Receiver<bool>,
 ) -> (EngineHandle, tokio::task::JoinHandle<JobOutcome>) {
     let (calls, mut inbox) = mpsc::channel::<EngineCall>(1024);
     let task = tokio::spawn(async move {
         let mut engine = engine;
-        let mut records = RunRecords::new(plan.clone());
+        let mut records = RunRecords::new(plan.clone(), store);
         let mut ticker = tokio::time::interval(Duration::from_millis(100));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut finished_at: Option<tokio::time::Instant> = None;
@@ -98,12 +169,16 @@ pub fn spawn(
             for event in engine.drain_events() {
                 records.on_event(&engine, event);
             }
+            records.maybe_checkpoint_in_background(&engine);
             if engine.is_finished() {
                 let since = *finished_at.get_or_insert_with(tokio::time::Instant::now);
                 if engine.all_workers_released() || since.elapsed() >= release_grace {
                     break;
                 }
             }
+        }
+        if let Some(writing) = records.writing.take() {
+            let _ = writing.await;
         }
         JobOutcome {
             finished: engine.is_finished(),
@@ -115,34 +190,110 @@ pub fn spawn(
     (EngineHandle { calls }, task)
 }
 
+/// A metrics file cut off mid-line by a crash gets its line ended, so the
+/// resumed run's lines stay whole.
+fn end_with_newline(mut file: std::fs::File) -> std::fs::File {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut last = [0u8; 1];
+    let torn = file.metadata().is_ok_and(|m| m.len() > 0)
+        && file.seek(SeekFrom::End(-1)).is_ok()
+        && file.read_exact(&mut last).is_ok()
+        && last[0] != b'\n';
+    if torn {
+        let _ = file.write_all(b"\n");
+    }
+    file
+}
+
+/// Appends a `{"resumed": true, ...}` line to the run's `metrics.jsonl`:
+/// rounds listed before it from `next_round` on were not durable and run again.
+pub fn append_resume_marker(run_dir: &std::path::Path, marker: serde_json::Value) {
+    use std::io::Write;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(run_dir.join("metrics.jsonl"))
+        .map(end_with_newline);
+    let written = file.and_then(|mut f| f.write_all(format!("{marker}\n").as_bytes()));
+    if let Err(e) = written {
+        warn!(error = %e, "cannot append to metrics.jsonl");
+    }
+}
+
 /// Logs, metrics lines and checkpoints for one run directory.
 struct RunRecords {
     plan: Arc<JobPlan>,
     metrics: Option<std::fs::File>,
     final_eval_loss: Option<f64>,
     last_checkpoint: Option<PathBuf>,
+    store: Option<Arc<Mutex<SharedStore>>>,
+    /// A periodic checkpoint is due (written once no other is being written).
+    checkpoint_due: bool,
+    checkpoints_taken: u64,
+    writing: Option<tokio::task::JoinHandle<bool>>,
 }
 
 impl RunRecords {
-    fn new(plan: Arc<JobPlan>) -> RunRecords {
+    fn new(plan: Arc<JobPlan>, store: Option<Arc<Mutex<SharedStore>>>) -> RunRecords {
         let metrics = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(plan.run_dir.join("metrics.jsonl"))
             .map_err(|e| error!(error = %e, "cannot open metrics.jsonl; per-round metrics will only be logged"))
-            .ok();
+            .ok()
+            .map(end_with_newline);
         RunRecords {
             plan,
             metrics,
             final_eval_loss: None,
             last_checkpoint: None,
+            store,
+            checkpoint_due: false,
+            checkpoints_taken: 0,
+            writing: None,
+        }
+    }
+
+    fn checkpoint_job(&mut self, engine: &RoundEngine) -> CheckpointJob {
+        self.checkpoints_taken += 1;
+        CheckpointJob {
+            sequence: self.checkpoints_taken,
+            snapshot: engine.snapshot(),
+            layout: engine.layout().clone(),
+            params: Arc::clone(engine.global_params()),
+            momentum: engine.outer_optimizer().momentum().to_vec(),
+        }
+    }
+
+    /// Starts the due periodic checkpoint unless one is still being written.
+    fn maybe_checkpoint_in_background(&mut self, engine: &RoundEngine) {
+        if !self.checkpoint_due || self.writing.as_ref().is_some_and(|w| !w.is_finished()) {
+            return;
+        }
+        self.checkpoint_due = false;
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let job = self.checkpoint_job(engine);
+        self.writing = Some(tokio::task::spawn_blocking(move || job.run(&store)));
+    }
+
+    /// Writes a checkpoint to the store now, on this thread.
+    fn checkpoint_in_place(&mut self, engine: &RoundEngine) {
+        self.checkpoint_due = false;
+        if let Some(store) = self.store.clone() {
+            let job = self.checkpoint_job(engine);
+            job.run(&store);
         }
     }
 
     fn append_metrics(&mut self, line: serde_json::Value) {
         use std::io::Write;
         if let Some(file) = &mut self.metrics {
-            if let Err(e) = writeln!(file, "{line}") {
+            // One write per line, so a crash leaves whole lines behind.
+            if let Err(e) = file.write_all(format!("{line}\n").as_bytes()) {
                 warn!(error = %e, "cannot append to metrics.jsonl");
             }
         }
@@ -180,7 +331,13 @@ impl RunRecords {
             } => {
                 warn!(worker = %worker, round = round.map(|r| r.0), reason = %reason, "push rejected")
             }
-            Event::RoundCommitted(summary) => self.on_commit(&summary),
+            Event::RoundCommitted(summary) => {
+                self.on_commit(&summary);
+                let every = self.plan.checkpoint_every;
+                if every != 0 && engine.committed_rounds().is_multiple_of(every) {
+                    self.checkpoint_due = true;
+                }
+            }
             Event::RoundAborted {
                 round,
                 pushed,
@@ -265,8 +422,10 @@ impl RunRecords {
         }));
     }
 
-    /// Writes the current version's parameters and the shard ledger.
+    /// Writes the current version's parameters and the shard ledger, and a
+    /// checkpoint to the run store.
     fn checkpoint(&mut self, engine: &RoundEngine) -> Option<PathBuf> {
+        self.checkpoint_in_place(engine);
         let path = checkpoint_path(&self.plan.run_dir, engine.version());
         let metadata = HashMap::from([
             ("job".to_string(), self.plan.name.clone()),

@@ -74,6 +74,14 @@ pub struct TrainSection {
     /// Evaluate on at most this many held-out shards (the first ones).
     #[serde(default = "default_eval_shards")]
     pub eval_max_shards: u32,
+    /// Write a checkpoint to the run store every this many committed rounds
+    /// (0: only at the end of the job and on shutdown).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+}
+
+fn default_checkpoint_every() -> u64 {
+    10
 }
 
 fn default_eval_shards() -> u32 {
@@ -198,6 +206,8 @@ pub struct JobPlan {
     pub heartbeat_interval: Duration,
     pub chunk_timeout: Duration,
     pub max_chunk_bytes: u32,
+    /// Checkpoint every this many committed rounds; 0: only at the end and on shutdown.
+    pub checkpoint_every: u64,
     pub engine: EngineConfig,
     pub train_shards: Vec<ShardInfo>,
     pub eval_shards: Vec<ShardInfo>,
@@ -425,6 +435,7 @@ impl JobFile {
             heartbeat_interval: Duration::from_millis(c.heartbeat_ms),
             chunk_timeout: Duration::from_millis(c.chunk_timeout_ms),
             max_chunk_bytes: c.max_chunk_bytes,
+            checkpoint_every: t.checkpoint_every,
             engine,
             train_shards,
             eval_shards,

@@ -9,6 +9,8 @@
 //! - [`actor`]: the single owner of the round engine, and its handle.
 //! - [`convert`]: wire types to domain types, domain errors to gRPC statuses.
 //! - [`checkpoint`]: safetensors checkpoints and run records.
+//! - [`store`]: the run directory's SQLite store of the job and its
+//!   checkpoints, from which a restarted coordinator resumes.
 //!
 //! It does not link libtorch: it runs on CPU-only hosts.
 
@@ -19,3 +21,4 @@ pub mod convert;
 pub mod data;
 pub mod server;
 pub mod service;
+pub mod store;

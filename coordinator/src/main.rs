@@ -33,7 +33,10 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Runs a pretraining job until it finishes (or SIGINT/SIGTERM).
+    /// Runs a pretraining job until it finishes (or SIGINT/SIGTERM, which
+    /// checkpoints and exits 0). Resumes by default: when the run directory's
+    /// store (`cohort.sqlite`) holds a checkpoint of the same job, training
+    /// continues from the newest intact one; a store of another job is refused.
     Run {
         /// The job file (TOML).
         #[arg(long, env = "COHORT_JOB")]
@@ -50,6 +53,10 @@ enum Command {
         /// Overrides the job file's run_dir.
         #[arg(long, env = "COHORT_RUN_DIR")]
         run_dir: Option<PathBuf>,
+        /// Refuse to start if the run directory already holds checkpoints
+        /// (the default is to resume from them).
+        #[arg(long)]
+        fresh: bool,
     },
     /// Tokenises text files into token shards and a manifest.
     Prepare {
@@ -116,6 +123,7 @@ async fn run_job(
     addr_file: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     run_dir: Option<PathBuf>,
+    fresh: bool,
 ) -> anyhow::Result<()> {
     // Everything is validated before a port is bound.
     let mut file = JobFile::load(&job)?;
@@ -134,7 +142,12 @@ async fn run_job(
         cohort_coordinator::data::write_atomically(&path, bound.to_string().as_bytes())
             .with_context(|| format!("cannot write the address file {}", path.display()))?;
     }
-    let outcome = server::run(listener, plan, shutdown_signal()).await?;
+    let mode = if fresh {
+        server::StartMode::Fresh
+    } else {
+        server::StartMode::Resume
+    };
+    let outcome = server::run_with(listener, plan, shutdown_signal(), mode).await?;
     match (&outcome.checkpoint, outcome.final_eval_loss) {
         (Some(path), Some(loss)) => info!(
             version = outcome.version.0,
@@ -160,12 +173,13 @@ fn main() -> ExitCode {
             addr_file,
             data_dir,
             run_dir,
+            fresh,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("cannot start the tokio runtime")
             .and_then(|runtime| {
-                runtime.block_on(run_job(job, listen, addr_file, data_dir, run_dir))
+                runtime.block_on(run_job(job, listen, addr_file, data_dir, run_dir, fresh))
             }),
         Command::Prepare {
             inputs,

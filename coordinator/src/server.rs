@@ -1,19 +1,37 @@
 //! Runs a job: validated plan in, gRPC server on an already-bound listener,
 //! until the job finishes or `shutdown` resolves.
+//!
+//! Before serving, the run directory's store is opened: when it holds a
+//! checkpoint of the same job (name, model, tensors, training shards) the
+//! engine resumes from the newest intact one; a store of another job is
+//! refused.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
-use cohort_core::engine::RoundEngine;
+use cohort_core::engine::{RestoreError, RoundEngine};
 use cohort_core::params::init_params;
 use cohort_proto::v1::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::actor::{self, JobOutcome};
+use crate::actor::{self, JobOutcome, SharedStore};
 use crate::config::JobPlan;
 use crate::service::CoordinatorService;
+use crate::store::{JobIdentity, RunStore, StoreError};
+
+/// How a job starts when its run directory already has checkpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StartMode {
+    /// Resume from the newest intact checkpoint of the same job, if any.
+    #[default]
+    Resume,
+    /// Refuse to start if the run directory holds checkpoints.
+    Fresh,
+}
 
 /// HTTP/2 frames of 1 MiB: measured here, 256 KiB chunks with 1 MiB frames
 /// and one connection per worker moved 8 × 40 MB in 0.30 s against 0.46 s
@@ -33,29 +51,126 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("coordinator actor failed: {0}")]
     Actor(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot resume from {file}: {source}")]
+    Restore { file: PathBuf, source: RestoreError },
+    #[error("{store} lists {checkpoints} checkpoints but none is intact ({skipped}); refusing to start over and lose committed rounds")]
+    NoIntactCheckpoint {
+        store: PathBuf,
+        checkpoints: usize,
+        skipped: String,
+    },
+}
+
+/// Opens the run store and builds the engine: resumed from the newest intact
+/// checkpoint of this job, or new.
+fn open_engine(plan: &JobPlan, mode: StartMode) -> Result<(RoundEngine, RunStore), ServeError> {
+    let started = Instant::now();
+    let mut store = RunStore::open(&plan.run_dir)?;
+    let checkpoints = store.checkpoints()?;
+    if mode == StartMode::Fresh && !checkpoints.is_empty() {
+        return Err(StoreError::NotFresh {
+            store: store.path().to_owned(),
+            checkpoints: checkpoints.len(),
+        }
+        .into());
+    }
+    store.claim(&JobIdentity::of(plan))?;
+    if checkpoints.is_empty() {
+        let params = init_params(&plan.engine.tensors, plan.engine.seed);
+        let engine = RoundEngine::new(
+            plan.engine.clone(),
+            plan.train_shards.clone(),
+            plan.eval_shards.clone(),
+            params,
+        )?;
+        return Ok((engine, store));
+    }
+    let layout = cohort_core::params::ParamLayout::new(&plan.engine.tensors);
+    let Some(loaded) = store.load_latest(&layout)? else {
+        return Err(ServeError::NoIntactCheckpoint {
+            store: store.path().to_owned(),
+            checkpoints: checkpoints.len(),
+            skipped: checkpoints
+                .iter()
+                .map(|c| c.file_name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    let engine = RoundEngine::restore(
+        plan.engine.clone(),
+        plan.train_shards.clone(),
+        plan.eval_shards.clone(),
+        loaded.snapshot,
+        loaded.params,
+        loaded.momentum,
+    )
+    .map_err(|source| ServeError::Restore {
+        file: loaded.path.clone(),
+        source,
+    })?;
+    let epoch = engine.ledger().last().map_or(0, |c| c.epoch);
+    info!(
+        checkpoint = %loaded.path.display(),
+        version = engine.version().0,
+        committed_rounds = engine.committed_rounds(),
+        next_round = loaded.record.next_round,
+        consumed_shards = engine.ledger().len(),
+        epoch,
+        skipped_checkpoints = loaded.skipped.len(),
+        finished = engine.is_finished(),
+        recovery_ms = started.elapsed().as_millis() as u64,
+        "resumed from checkpoint"
+    );
+    actor::append_resume_marker(
+        &plan.run_dir,
+        serde_json::json!({
+            "resumed": true,
+            "version": engine.version().0,
+            "next_round": loaded.record.next_round,
+            "committed_rounds": engine.committed_rounds(),
+            "checkpoint": loaded.path.display().to_string(),
+            "skipped_checkpoints": loaded.skipped.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>(),
+        }),
+    );
+    if engine.is_finished() {
+        warn!(
+            version = engine.version().0,
+            "the job had already finished; raise train.rounds or train.epochs to train on"
+        );
+    }
+    Ok((engine, store))
 }
 
 /// Serves `plan` on `listener` until the job is done or `shutdown` resolves
-/// (then the current version is checkpointed).
+/// (then the current version is checkpointed). Resumes from the run
+/// directory's store when it holds a checkpoint of this job.
 pub async fn run(
     listener: TcpListener,
     plan: JobPlan,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<JobOutcome, ServeError> {
+    run_with(listener, plan, shutdown, StartMode::Resume).await
+}
+
+/// [`run`], choosing what happens when the run directory has checkpoints.
+pub async fn run_with(
+    listener: TcpListener,
+    plan: JobPlan,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    mode: StartMode,
+) -> Result<JobOutcome, ServeError> {
     std::fs::create_dir_all(&plan.run_dir).map_err(|source| ServeError::RunDir {
         path: plan.run_dir.clone(),
         source,
     })?;
-    let params = init_params(&plan.engine.tensors, plan.engine.seed);
-    let engine = RoundEngine::new(
-        plan.engine.clone(),
-        plan.train_shards.clone(),
-        plan.eval_shards.clone(),
-        params,
-    )?;
+    let (engine, store) = open_engine(&plan, mode)?;
     let plan = Arc::new(plan);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (handle, actor_task) = actor::spawn(engine, plan.clone(), stop_rx);
+    let (handle, actor_task) =
+        actor::spawn(engine, plan.clone(), Some(SharedStore::new(store)), stop_rx);
     let service = CoordinatorService::new(handle, plan.clone());
 
     let (done_tx, mut done_rx) = watch::channel(false);

@@ -31,7 +31,7 @@ use crate::ids::{RoundId, ShardId, Version, WorkerId};
 use crate::model::TensorSpec;
 use crate::outer::{OuterOptimizer, OuterOptimizerConfig};
 use crate::params::ParamLayout;
-use crate::scheduler::{Consumption, ShardScheduler};
+use crate::scheduler::{Consumption, SchedulerRestoreError, SchedulerSnapshot, ShardScheduler};
 
 /// Everything the engine needs to know about the job.
 #[derive(Clone, Debug)]
@@ -141,6 +141,114 @@ pub enum EngineError {
     JobFinished,
     #[error("push stream failed: {0}")]
     StreamFailed(String),
+}
+
+/// The format of [`EngineSnapshot`]; bumped when its meaning changes.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// Where the job stood when a snapshot was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotPhase {
+    Training,
+    /// Training was over; the final version was waiting for its evaluation.
+    FinalEval,
+    Finished,
+}
+
+/// A tensor's identity: its name and shape.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TensorIdentity {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// The engine's durable state, without the parameters and the momentum
+/// buffer (which the caller stores as tensors). A round in flight is not part
+/// of it: its shards are pending again, first, and its number is reused.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EngineSnapshot {
+    pub format: u32,
+    pub version: Version,
+    pub next_round: u64,
+    pub next_worker: u64,
+    pub committed_rounds: u64,
+    pub epochs_completed: u64,
+    pub phase: SnapshotPhase,
+    pub final_eval_loss: Option<f64>,
+    pub outer: OuterOptimizerConfig,
+    /// What the parameters are: restoring onto other tensors is refused.
+    pub tensors: Vec<TensorIdentity>,
+    /// The training split: restoring onto other shards is refused.
+    pub train_shards: Vec<ShardInfo>,
+    pub scheduler: SchedulerSnapshot,
+}
+
+/// Why a snapshot cannot be restored.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RestoreError {
+    #[error("snapshot format {got} is not supported (expected {expected})")]
+    Format { got: u32, expected: u32 },
+    #[error(transparent)]
+    Config(#[from] EngineConfigError),
+    #[error("the model differs from the snapshot's: {detail}")]
+    Tensors { detail: String },
+    #[error("the training shards differ from the snapshot's: {detail}")]
+    Shards { detail: String },
+    #[error("the outer optimizer differs from the snapshot's: job {job:?}, snapshot {snapshot:?}")]
+    Outer {
+        job: OuterOptimizerConfig,
+        snapshot: OuterOptimizerConfig,
+    },
+    #[error("the momentum buffer has {got} values, {expected} expected")]
+    Momentum { got: usize, expected: usize },
+    #[error("the shard schedule does not fit: {0}")]
+    Scheduler(#[from] SchedulerRestoreError),
+}
+
+/// The first difference between two tensor lists, in words.
+fn tensor_difference(job: &[TensorIdentity], snapshot: &[TensorIdentity]) -> Option<String> {
+    if let Some((a, b)) = job.iter().zip(snapshot).find(|(a, b)| a != b) {
+        return Some(format!(
+            "job has {} {:?}, snapshot has {} {:?}",
+            a.name, a.shape, b.name, b.shape
+        ));
+    }
+    (job.len() != snapshot.len()).then(|| {
+        format!(
+            "job has {} tensors, snapshot has {}",
+            job.len(),
+            snapshot.len()
+        )
+    })
+}
+
+/// The first difference between two shard lists, in words.
+fn shard_difference(job: &[ShardInfo], snapshot: &[ShardInfo]) -> Option<String> {
+    if let Some((a, b)) = job.iter().zip(snapshot).find(|(a, b)| a != b) {
+        return Some(format!(
+            "job has {} {} ({} tokens), snapshot has {} {} ({} tokens)",
+            a.id, a.file_name, a.num_tokens, b.id, b.file_name, b.num_tokens
+        ));
+    }
+    (job.len() != snapshot.len()).then(|| {
+        format!(
+            "job has {} shards, snapshot has {}",
+            job.len(),
+            snapshot.len()
+        )
+    })
+}
+
+/// The identities of `tensors`, as a snapshot records them.
+pub fn tensor_identities(tensors: &[TensorSpec]) -> Vec<TensorIdentity> {
+    tensors
+        .iter()
+        .map(|t| TensorIdentity {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+        })
+        .collect()
 }
 
 /// What a worker says about itself when it joins.
@@ -1168,6 +1276,99 @@ impl RoundEngine {
         }
     }
 
+    // ---- snapshots --------------------------------------------------------------
+
+    /// The durable state of the job, as if the round in flight (if any) had
+    /// never started. Pair it with [`Self::global_params`] and the momentum
+    /// buffer ([`OuterOptimizer::momentum`]) of the same moment.
+    pub fn snapshot(&self) -> EngineSnapshot {
+        let next_round = self.round.as_ref().map_or(self.next_round, |r| r.id.0);
+        EngineSnapshot {
+            format: SNAPSHOT_FORMAT,
+            version: self.version,
+            next_round,
+            next_worker: self.next_worker,
+            committed_rounds: self.committed_rounds,
+            epochs_completed: self.epochs_completed,
+            phase: match self.phase {
+                Phase::Training => SnapshotPhase::Training,
+                Phase::FinalEval { .. } => SnapshotPhase::FinalEval,
+                Phase::Finished => SnapshotPhase::Finished,
+            },
+            final_eval_loss: self.final_eval_loss,
+            outer: self.outer.config(),
+            tensors: tensor_identities(&self.config.tensors),
+            train_shards: self.shards.values().cloned().collect(),
+            scheduler: self.scheduler.snapshot(),
+        }
+    }
+
+    /// Resumes a job from `snapshot` with the parameters and momentum buffer
+    /// saved with it. The job's limits (rounds, epochs) may have changed: a
+    /// finished job whose new limits are not reached trains on. Its model,
+    /// training shards and outer optimizer may not.
+    pub fn restore(
+        config: EngineConfig,
+        train_shards: Vec<ShardInfo>,
+        eval_shards: Vec<ShardInfo>,
+        snapshot: EngineSnapshot,
+        params: Vec<f32>,
+        momentum: Vec<f32>,
+    ) -> Result<RoundEngine, RestoreError> {
+        if snapshot.format != SNAPSHOT_FORMAT {
+            return Err(RestoreError::Format {
+                got: snapshot.format,
+                expected: SNAPSHOT_FORMAT,
+            });
+        }
+        if let Some(detail) =
+            tensor_difference(&tensor_identities(&config.tensors), &snapshot.tensors)
+        {
+            return Err(RestoreError::Tensors { detail });
+        }
+        let mut sorted_shards = train_shards.clone();
+        sorted_shards.sort_by_key(|s| s.id);
+        if let Some(detail) = shard_difference(&sorted_shards, &snapshot.train_shards) {
+            return Err(RestoreError::Shards { detail });
+        }
+        if config.outer != snapshot.outer {
+            return Err(RestoreError::Outer {
+                job: config.outer,
+                snapshot: snapshot.outer,
+            });
+        }
+        let mut engine = RoundEngine::new(config, train_shards, eval_shards, params)?;
+        let total = engine.layout.total();
+        engine.outer = OuterOptimizer::with_momentum(engine.config.outer, total, momentum.clone())
+            .ok_or(RestoreError::Momentum {
+                got: momentum.len(),
+                expected: match engine.config.outer {
+                    OuterOptimizerConfig::Nesterov { .. } => total,
+                    _ => 0,
+                },
+            })?;
+        engine.scheduler =
+            ShardScheduler::restore(engine.shards.keys().copied().collect(), snapshot.scheduler)?;
+        engine.version = snapshot.version;
+        engine.next_round = snapshot.next_round.max(1);
+        engine.next_worker = snapshot.next_worker.max(1);
+        engine.committed_rounds = snapshot.committed_rounds;
+        engine.epochs_completed = snapshot.epochs_completed;
+        let c = &engine.config;
+        let limits_reached = (c.max_rounds != 0 && engine.committed_rounds >= c.max_rounds)
+            || (c.max_epochs != 0 && engine.epochs_completed >= c.max_epochs);
+        match (limits_reached, snapshot.phase) {
+            (false, _) => engine.phase = Phase::Training,
+            (true, SnapshotPhase::Finished) => {
+                engine.phase = Phase::Finished;
+                engine.final_eval_loss = snapshot.final_eval_loss;
+            }
+            (true, _) if engine.eval_shards.is_empty() => engine.finish(),
+            (true, _) => engine.phase = Phase::FinalEval { assignee: None },
+        }
+        Ok(engine)
+    }
+
     fn finish(&mut self) {
         self.phase = Phase::Finished;
         self.events.push(Event::JobFinished {
@@ -1563,6 +1764,236 @@ mod tests {
             _ => None,
         });
         assert_eq!(finished, Some((Some(1.25), 1)));
+    }
+
+    /// Every participant of the current round trains and pushes an update
+    /// that depends only on its shards; returns the round and its shards.
+    fn run_round(e: &mut RoundEngine, workers: &[WorkerId], now: Instant) -> (RoundId, Vec<u64>) {
+        let mut round_id = None;
+        let mut used = Vec::new();
+        let mut pushes = Vec::new();
+        for &w in workers {
+            if let Ok(Task::Train { round, shards, .. }) = e.next_task(w, now) {
+                round_id = Some(round);
+                let ids: Vec<u64> = shards.iter().map(|s| s.id.0).collect();
+                used.extend(&ids);
+                pushes.push((w, round, ids));
+            }
+        }
+        for (w, round, ids) in pushes {
+            let x = ids.iter().sum::<u64>() as f32 * 0.25 + ids[0] as f32 * 0.125;
+            push_all(e, w, round, [x, -x, 0.5 * x, 1.0, -0.5, x * x], now).unwrap();
+        }
+        (round_id.expect("a round ran"), used)
+    }
+
+    #[test]
+    fn a_restored_engine_continues_like_an_uninterrupted_one() {
+        let t0 = Instant::now();
+        let mut cfg = config();
+        cfg.max_epochs = 2;
+        cfg.outer = OuterOptimizerConfig::Nesterov {
+            lr: 0.7,
+            momentum: 0.9,
+        };
+        let mut a = engine(cfg.clone(), 6);
+        let (w1, _) = a.join(WorkerInfo::default(), t0);
+        let (w2, _) = a.join(WorkerInfo::default(), t0);
+        run_round(&mut a, &[w1, w2], t0);
+        // Round 2 is in flight (leased, one push half folded) at the snapshot.
+        let (round2, _, _) = train_task(&mut a, w1, t0);
+        train_task(&mut a, w2, t0);
+        a.begin_push(w1, header(round2, Version(1)), t0).unwrap();
+        a.push_chunk(w1, 0, 0, &values(&[9.0; 4]), 16).unwrap();
+        let snapshot = a.snapshot();
+        assert_eq!(
+            snapshot.next_round, round2.0,
+            "the round in flight is re-run"
+        );
+        assert_eq!(snapshot.version, Version(1));
+        let json = serde_json::to_string(&snapshot).unwrap();
+        let params = a.global_params().as_slice().to_vec();
+        let momentum = a.outer_optimizer().momentum().to_vec();
+        assert!(momentum.iter().any(|&m| m != 0.0));
+        let eval = vec![ShardInfo {
+            id: ShardId(1000),
+            file_name: "val-0.tok".into(),
+            num_tokens: 65,
+        }];
+        let mut b = RoundEngine::restore(
+            cfg,
+            shards(6),
+            eval,
+            serde_json::from_str(&json).unwrap(),
+            params,
+            momentum,
+        )
+        .unwrap();
+        assert_eq!(b.version(), Version(1));
+        assert_eq!(b.current_round(), None);
+
+        // The uninterrupted engine loses round 2 (its workers vanish) and
+        // goes on with new workers; the restored one gets the same new workers.
+        let t1 = t0 + Duration::from_secs(11);
+        a.tick(t1);
+        assert_eq!(a.current_round(), None);
+        let mut trace_a = Vec::new();
+        let mut trace_b = Vec::new();
+        let (a1, _) = a.join(WorkerInfo::default(), t1);
+        let (a2, _) = a.join(WorkerInfo::default(), t1);
+        let (b1, _) = b.join(WorkerInfo::default(), t1);
+        let (b2, _) = b.join(WorkerInfo::default(), t1);
+        assert_eq!((a1, a2), (b1, b2), "worker ids continue");
+        while !a.is_finished() && matches!(a.phase, Phase::Training) {
+            trace_a.push(run_round(&mut a, &[a1, a2], t1));
+            trace_b.push(run_round(&mut b, &[b1, b2], t1));
+        }
+        // The uninterrupted engine aborted round 2 and numbers on from 3; the
+        // restored one never committed it and re-runs it as round 2.
+        let shards_a: Vec<_> = trace_a.iter().map(|(_, s)| s.clone()).collect();
+        let shards_b: Vec<_> = trace_b.iter().map(|(_, s)| s.clone()).collect();
+        assert_eq!(shards_a, shards_b);
+        assert_eq!(
+            trace_b[0].0, round2,
+            "the lost round is re-run under its number"
+        );
+        assert!(trace_a
+            .iter()
+            .zip(&trace_b)
+            .all(|(x, y)| x.0 .0 == y.0 .0 + 1));
+        assert_eq!(trace_a.len(), 5, "6 rounds over two epochs of 6 shards");
+        assert_eq!(a.global_params(), b.global_params());
+        assert_eq!(
+            a.outer_optimizer().momentum(),
+            b.outer_optimizer().momentum()
+        );
+        let key = |c: &Consumption| (c.epoch, c.shard);
+        let ledger_a: Vec<_> = a.ledger().iter().map(key).collect();
+        let ledger_b: Vec<_> = b.ledger().iter().map(key).collect();
+        assert_eq!(ledger_a, ledger_b);
+        assert_eq!(ledger_a.len(), 12, "every shard once in each epoch");
+        assert!(matches!(b.phase, Phase::FinalEval { .. }));
+    }
+
+    #[test]
+    fn a_snapshot_of_another_job_is_refused() {
+        let t0 = Instant::now();
+        let mut e = engine(config(), 4);
+        let (w, _) = e.join(WorkerInfo::default(), t0);
+        e.join(WorkerInfo::default(), t0);
+        train_task(&mut e, w, t0);
+        let snapshot = e.snapshot();
+        let params = vec![0.0; 6];
+        let mut other_model = config();
+        other_model.tensors[1].shape = vec![3];
+        let refused = RoundEngine::restore(
+            other_model,
+            shards(4),
+            vec![],
+            snapshot.clone(),
+            vec![0.0; 7],
+            vec![],
+        );
+        assert!(
+            matches!(&refused, Err(RestoreError::Tensors { detail }) if detail.contains("b [3]")),
+            "{refused:?}"
+        );
+        let refused = RoundEngine::restore(
+            config(),
+            shards(5),
+            vec![],
+            snapshot.clone(),
+            params.clone(),
+            vec![],
+        );
+        assert!(
+            matches!(&refused, Err(RestoreError::Shards { detail }) if detail.contains("5 shards")),
+            "{refused:?}"
+        );
+        let mut renamed = shards(4);
+        renamed[2].file_name = "other.tok".into();
+        let refused = RoundEngine::restore(
+            config(),
+            renamed,
+            vec![],
+            snapshot.clone(),
+            params.clone(),
+            vec![],
+        );
+        assert!(
+            matches!(&refused, Err(RestoreError::Shards { detail }) if detail.contains("other.tok")),
+            "{refused:?}"
+        );
+        let mut nesterov = config();
+        nesterov.outer = OuterOptimizerConfig::default();
+        assert!(matches!(
+            RoundEngine::restore(
+                nesterov,
+                shards(4),
+                vec![],
+                snapshot.clone(),
+                params.clone(),
+                vec![]
+            ),
+            Err(RestoreError::Outer { .. })
+        ));
+        assert_eq!(
+            RoundEngine::restore(
+                config(),
+                shards(4),
+                vec![],
+                snapshot.clone(),
+                params.clone(),
+                vec![1.0]
+            )
+            .err(),
+            Some(RestoreError::Momentum {
+                got: 1,
+                expected: 0
+            })
+        );
+        let mut future = snapshot;
+        future.format = 99;
+        assert!(matches!(
+            RoundEngine::restore(config(), shards(4), vec![], future, params, vec![]),
+            Err(RestoreError::Format { got: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn a_finished_job_trains_on_when_its_limit_is_raised() {
+        let t0 = Instant::now();
+        let mut cfg = config();
+        cfg.max_epochs = 0;
+        cfg.max_rounds = 1;
+        let mut e = RoundEngine::new(cfg.clone(), shards(4), vec![], vec![1.0; 6]).unwrap();
+        let (a, _) = e.join(WorkerInfo::default(), t0);
+        let (b, _) = e.join(WorkerInfo::default(), t0);
+        run_round(&mut e, &[a, b], t0);
+        assert!(e.is_finished());
+        let snapshot = e.snapshot();
+        assert_eq!(snapshot.phase, SnapshotPhase::Finished);
+        let params = e.global_params().as_slice().to_vec();
+        let same = RoundEngine::restore(
+            cfg.clone(),
+            shards(4),
+            vec![],
+            snapshot.clone(),
+            params.clone(),
+            vec![],
+        )
+        .unwrap();
+        assert!(same.is_finished());
+        cfg.max_rounds = 2;
+        let mut more =
+            RoundEngine::restore(cfg, shards(4), vec![], snapshot, params, vec![]).unwrap();
+        assert!(!more.is_finished());
+        let (c, _) = more.join(WorkerInfo::default(), t0);
+        let (d, _) = more.join(WorkerInfo::default(), t0);
+        let (round, _) = run_round(&mut more, &[c, d], t0);
+        assert_eq!(round, RoundId(2));
+        assert!(more.is_finished());
+        assert_eq!(more.ledger().len(), 4, "all four shards, each once");
     }
 
     #[test]

@@ -70,6 +70,20 @@ impl OuterOptimizer {
         OuterOptimizer { config, momentum }
     }
 
+    /// An optimizer resumed with a saved momentum buffer. `None` when the
+    /// buffer does not fit: `len` values with momentum, none without.
+    pub fn with_momentum(
+        config: OuterOptimizerConfig,
+        len: usize,
+        momentum: Vec<f32>,
+    ) -> Option<OuterOptimizer> {
+        let expected = match config {
+            OuterOptimizerConfig::Nesterov { .. } => len,
+            _ => 0,
+        };
+        (momentum.len() == expected).then_some(OuterOptimizer { config, momentum })
+    }
+
     pub fn config(&self) -> OuterOptimizerConfig {
         self.config
     }
