@@ -305,3 +305,162 @@ impl Job {
         out
     }
 }
+
+/// A `kB` field (`VmHWM`, `VmRSS`, ...) of `/proc/<pid>/status`, in KiB;
+/// `None` once the process has exited (or off Linux).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|line| {
+        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+        rest.trim().strip_suffix("kB")?.trim().parse().ok()
+    })
+}
+
+/// Samples a process's peak resident set (`VmHWM`) every 50 ms on a thread
+/// until the process exits or [`RssSampler::stop`] is called. `VmHWM` is a
+/// high-water mark, so the last sample before exit holds the peak of the run
+/// up to then.
+pub struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<RssPeak>>,
+}
+
+/// What an [`RssSampler`] saw, in KiB.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RssPeak {
+    /// The last `VmHWM` read: the process's peak resident set so far.
+    pub hwm_kib: u64,
+    /// The largest `VmRSS` sampled.
+    pub max_rss_kib: u64,
+    pub samples: u64,
+}
+
+impl RssSampler {
+    /// Starts sampling `pid`; gives up after `limit` in any case.
+    pub fn start(pid: u32, limit: Duration) -> RssSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = RssPeak::default();
+            let start = Instant::now();
+            while start.elapsed() < limit && !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let Some(hwm) = proc_status_kib(pid, "VmHWM") else {
+                    break;
+                };
+                peak.hwm_kib = peak.hwm_kib.max(hwm);
+                if let Some(rss) = proc_status_kib(pid, "VmRSS") {
+                    peak.max_rss_kib = peak.max_rss_kib.max(rss);
+                }
+                peak.samples += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        });
+        RssSampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling (if the process still runs) and returns the peak.
+    pub fn stop(mut self) -> RssPeak {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().expect("sampler thread"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Job {
+    /// Rounds committed so far, from `metrics.jsonl`; safe to call while the
+    /// coordinator is writing it (a partly written line is not counted).
+    pub fn committed_rounds(&self) -> usize {
+        let text = std::fs::read_to_string(self.path("run/metrics.jsonl")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m.get("round").is_some())
+            .count()
+    }
+}
+
+/// The last line of `output` that is a JSON object with `key` set: how
+/// `cohort-loadgen` reports its summary.
+pub fn json_line_with(output: &str, key: &str) -> Option<serde_json::Value> {
+    output.lines().rev().find_map(|line| {
+        let value: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
+        value.get(key).is_some().then_some(value)
+    })
+}
+
+impl Job {
+    /// Starts another coordinator process for the same job file and run
+    /// directory, listening on the address the first one had (so running
+    /// workers find it again), and waits until it listens. Its output goes to
+    /// `<name>.log`; the previous coordinator is dropped (killed if alive).
+    pub fn restart_coordinator(&mut self, name: &str) {
+        let listen = self
+            .addr
+            .clone()
+            .expect("coordinator started before")
+            .trim_start_matches("http://")
+            .to_string();
+        let addr_file = self.path("addr");
+        let _ = std::fs::remove_file(&addr_file);
+        if let Some(mut old) = self.coordinator.take() {
+            old.kill();
+        }
+        let args = vec![
+            "run".into(),
+            "--job".into(),
+            self.path("job.toml").display().to_string(),
+            "--listen".into(),
+            listen,
+            "--addr-file".into(),
+            addr_file.display().to_string(),
+        ];
+        let mut proc = Proc::spawn(name, &binary("cohort-coordinator"), &args, self.dir.path());
+        let up = wait_until(Duration::from_secs(30), || {
+            addr_file.exists() || proc.try_status().is_some()
+        });
+        assert!(
+            up && addr_file.exists(),
+            "{}",
+            proc.report("did not start listening")
+        );
+        self.coordinator = Some(proc);
+    }
+
+    /// The round numbers of `metrics.jsonl`'s committed-round lines, in file
+    /// order; a partly written line is skipped.
+    pub fn round_numbers(&self) -> Vec<u64> {
+        let text = std::fs::read_to_string(self.path("run/metrics.jsonl")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|m| m.get("round").and_then(|r| r.as_u64()))
+            .collect()
+    }
+}
+
+/// Sends `signal` (as `kill -s` names it, e.g. `TERM`) to process `pid`.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args(["-s", signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -s {signal} {pid} failed");
+}
+
+/// The value of `key=` in a text log line (up to the next space), if present.
+pub fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pattern = format!(" {key}=");
+    let start = line.find(&pattern)? + pattern.len();
+    let rest = &line[start..];
+    Some(rest.split(' ').next().unwrap_or(rest))
+}
