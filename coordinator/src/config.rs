@@ -345,12 +345,13 @@ impl JobFile {
                 ),
             ));
         }
-        if c.min_participants > c.min_workers.max(c.max_workers_per_round)
-            && c.max_workers_per_round != 0
-        {
+        if c.min_participants > c.min_workers {
             return Err(invalid(
                 "cluster.min_participants",
-                "exceeds the workers a round can have",
+                format!(
+                    "{} exceeds cluster.min_workers ({}): a round starts once min_workers are live and could never reach its quorum",
+                    c.min_participants, c.min_workers
+                ),
             ));
         }
         if c.heartbeat_ms == 0 || c.heartbeat_ms >= c.lease_ms {

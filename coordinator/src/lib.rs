@@ -8,6 +8,7 @@
 //! - [`service`]: the tonic service, thin adapters over the engine.
 //! - [`actor`]: the single owner of the round engine, and its handle.
 //! - [`convert`]: wire types to domain types, domain errors to gRPC statuses.
+//! - [`planning`]: the `privacy` planning subcommand (epsilon for sigma, sigma for epsilon).
 //! - [`checkpoint`]: safetensors checkpoints and run records.
 //! - [`store`]: the run directory's SQLite store of the job and its
 //!   checkpoints, from which a restarted coordinator resumes.
@@ -19,6 +20,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod convert;
 pub mod data;
+pub mod planning;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cohort_coordinator::config::JobFile;
 use cohort_coordinator::data::{prepare, PrepareOptions, TokenizerKind};
+use cohort_coordinator::planning::{self, PrivacyQuestion};
 use cohort_coordinator::server;
 use tracing::{error, info};
 
@@ -77,6 +78,31 @@ enum Command {
         /// Every n-th shard is held out for evaluation.
         #[arg(long, default_value_t = 20)]
         val_every: usize,
+    },
+    /// Privacy planning without running anything: epsilon for a noise
+    /// multiplier, or the smallest noise multiplier for a target epsilon.
+    Privacy {
+        /// Noise standard deviation divided by the clipping norm.
+        #[arg(
+            long,
+            required_unless_present = "target_epsilon",
+            conflicts_with = "target_epsilon"
+        )]
+        noise_multiplier: Option<f64>,
+        /// Print the smallest noise multiplier whose epsilon is at most this.
+        #[arg(long)]
+        target_epsilon: Option<f64>,
+        /// Poisson sampling rate of clients per round, in (0, 1].
+        #[arg(long)]
+        sample_rate: f64,
+        /// Number of rounds.
+        #[arg(long)]
+        rounds: u64,
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
+        /// Print one JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -181,6 +207,30 @@ fn main() -> ExitCode {
             .and_then(|runtime| {
                 runtime.block_on(run_job(job, listen, addr_file, data_dir, run_dir, fresh))
             }),
+        Command::Privacy {
+            noise_multiplier,
+            target_epsilon,
+            sample_rate,
+            rounds,
+            delta,
+            json,
+        } => {
+            let question = match (noise_multiplier, target_epsilon) {
+                (Some(noise_multiplier), _) => PrivacyQuestion::Epsilon { noise_multiplier },
+                (None, Some(target_epsilon)) => PrivacyQuestion::NoiseMultiplier { target_epsilon },
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            planning::answer(question, sample_rate, rounds, delta)
+                .map_err(anyhow::Error::from)
+                .and_then(|answer| {
+                    if json {
+                        println!("{}", serde_json::to_string(&answer)?);
+                    } else {
+                        println!("{answer}");
+                    }
+                    Ok(())
+                })
+        }
         Command::Prepare {
             inputs,
             output,

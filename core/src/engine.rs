@@ -80,6 +80,11 @@ pub enum EngineConfigError {
     InitialParams { got: usize, expected: usize },
     #[error("{field} must be at least 1")]
     Zero { field: &'static str },
+    #[error("min_participants ({min_participants}) exceeds min_workers ({min_workers}): rounds start with min_workers live workers")]
+    QuorumAboveMinWorkers {
+        min_participants: usize,
+        min_workers: usize,
+    },
     #[error("min_participants ({min_participants}) exceeds max_workers_per_round ({max_workers_per_round})")]
     ImpossibleQuorum {
         min_participants: usize,
@@ -407,6 +412,10 @@ struct ActiveRound {
     deadline: Instant,
     /// Participants the round started with; lost ones may be replaced up to this.
     target_participants: usize,
+    /// Pushes needed to commit: `min_participants`, or fewer when the epoch
+    /// had fewer shards left than that (the epoch's last round). Without the
+    /// exception such a round could never commit and would be retried forever.
+    quorum: usize,
     participants: BTreeMap<WorkerId, Participant>,
     bytes_pulled: u64,
     bytes_pushed: u64,
@@ -478,6 +487,12 @@ impl RoundEngine {
             return Err(EngineConfigError::ImpossibleQuorum {
                 min_participants: config.min_participants,
                 max_workers_per_round: config.max_workers_per_round,
+            });
+        }
+        if config.min_participants > config.min_workers {
+            return Err(EngineConfigError::QuorumAboveMinWorkers {
+                min_participants: config.min_participants,
+                min_workers: config.min_workers,
             });
         }
         if config.max_rounds == 0 && config.max_epochs == 0 {
@@ -798,6 +813,7 @@ impl RoundEngine {
             started_at: now,
             deadline: now + self.config.round_deadline,
             target_participants: participants.len(),
+            quorum: self.config.min_participants.min(participants.len()),
             participants,
             bytes_pulled: 0,
             bytes_pushed: 0,
@@ -1146,7 +1162,7 @@ impl RoundEngine {
             .values()
             .filter(|p| matches!(p.state, PushState::Pushed(_)))
             .count();
-        if pushed < self.config.min_participants {
+        if pushed < round.quorum {
             self.abort_round();
             return;
         }
@@ -1177,7 +1193,7 @@ impl RoundEngine {
         self.events.push(Event::RoundAborted {
             round: round.id,
             pushed,
-            needed: self.config.min_participants,
+            needed: round.quorum,
             returned_shards: returned,
         });
     }
@@ -1193,7 +1209,7 @@ impl RoundEngine {
             .participants
             .values()
             .all(|p| matches!(p.state, PushState::Pushed(_)));
-        if all_pushed && round.participants.len() >= self.config.min_participants {
+        if all_pushed && round.participants.len() >= round.quorum {
             self.commit(now);
         }
     }
@@ -1997,14 +2013,49 @@ mod tests {
     }
 
     #[test]
+    fn an_epochs_last_round_with_fewer_shards_than_the_quorum_still_commits() {
+        let t0 = Instant::now();
+        let mut cfg = config();
+        cfg.min_participants = 2;
+        let mut e = engine(cfg, 3);
+        let (a, _) = e.join(WorkerInfo::default(), t0);
+        let (b, _) = e.join(WorkerInfo::default(), t0);
+        let (round, _, _) = train_task(&mut e, a, t0);
+        train_task(&mut e, b, t0);
+        push_all(&mut e, a, round, [0.0; 6], t0).unwrap();
+        push_all(&mut e, b, round, [0.0; 6], t0).unwrap();
+        // One shard is left for two workers: the round has one participant.
+        let (last, _, shards) = train_task(&mut e, a, t0);
+        assert_eq!(shards.len(), 1);
+        assert!(matches!(e.next_task(b, t0), Ok(Task::Wait { .. })));
+        push_all(&mut e, a, last, [0.0; 6], t0).unwrap();
+        assert_eq!(
+            e.version(),
+            Version(2),
+            "the tail round commits with its one push"
+        );
+        assert_eq!(e.ledger().len(), 3);
+    }
+
+    #[test]
     fn invalid_configs_are_refused_with_the_field() {
         let mut cfg = config();
         cfg.min_participants = 3;
         cfg.max_workers_per_round = 2;
+        cfg.min_workers = 3;
         assert!(matches!(
             RoundEngine::new(cfg, shards(2), vec![], vec![0.0; 6]),
             Err(EngineConfigError::ImpossibleQuorum { .. })
         ));
+        let mut cfg = config();
+        cfg.min_participants = 3;
+        assert_eq!(
+            RoundEngine::new(cfg, shards(2), vec![], vec![0.0; 6]).err(),
+            Some(EngineConfigError::QuorumAboveMinWorkers {
+                min_participants: 3,
+                min_workers: 2
+            })
+        );
         let mut cfg = config();
         cfg.max_epochs = 0;
         assert_eq!(

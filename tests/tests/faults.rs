@@ -42,9 +42,7 @@ micro_batch_size = 16
 eval_max_shards = 1
 [cluster]
 min_workers = 2
-# 1, not 2: with 2, an epoch whose last round has a single shard left never
-# finishes (see the ignored test at the end of this file).
-min_participants = 1
+min_participants = 2
 lease_ms = {LEASE_MS}
 heartbeat_ms = 500
 round_deadline_ms = 120000
@@ -174,13 +172,12 @@ fn a_replacement_worker_joins_mid_run_after_a_kill() {
     kill_a_worker_after_round_one(true);
 }
 
-/// Two workers, one shard each per round, `min_participants = 2` and an odd
-/// number of training shards: the epoch's last round can lease only one
-/// shard, so it starts with one participant, can never reach the quorum, is
-/// aborted at its deadline and started again with the same single shard,
-/// forever. The job should finish (or refuse the plan) instead.
+/// Regression: two workers, one shard each per round, `min_participants = 2`
+/// and an odd number of training shards. The epoch's last round can lease
+/// only one shard; it used to wait for a quorum of two that could never come,
+/// be aborted at its deadline and restarted with the same shard, forever. Its
+/// quorum is now the number of participants it could be given.
 #[test]
-#[ignore = "engine: a round is started with fewer participants than min_participants when the epoch runs out of shards, and is aborted and restarted forever"]
 fn an_epoch_whose_last_round_has_fewer_shards_than_the_quorum_still_finishes() {
     let mut job = Job::new(DataOptions {
         context_length: 32,
