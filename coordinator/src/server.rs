@@ -38,6 +38,14 @@ pub enum StartMode {
 /// with tonic's defaults (raw TCP: 0.25 s).
 pub const HTTP2_MAX_FRAME_SIZE: u32 = 1 << 20;
 
+/// Per-stream receive window. A push waiting for the fold holds this much in
+/// the coordinator, so it bounds memory per connected worker. Measured on the
+/// round bench (10M params): 64 KiB throttled the active push (N=32 round
+/// 5.4 s), hyper's 1 MiB default cost 1 MiB per waiting worker; 256 KiB: 2.6 s.
+pub const HTTP2_STREAM_WINDOW: u32 = 256 * 1024;
+/// Per-connection receive window (a worker has one push or pull at a time).
+pub const HTTP2_CONNECTION_WINDOW: u32 = 512 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot create run directory {path}: {source}")]
@@ -205,6 +213,10 @@ pub async fn run_with(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .max_frame_size(Some(HTTP2_MAX_FRAME_SIZE))
+        // A push waiting for the fold permit is buffered up to its stream
+        // window; hyper's 1 MiB default made that O(workers x 1 MiB).
+        .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
+        .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
         .add_service(CoordinatorServer::new(service))
         .serve_with_incoming_shutdown(incoming, server_stop)
         .await?;

@@ -29,7 +29,14 @@ pub struct CoordinatorService {
     layout: Arc<ParamLayout>,
     /// Pushes fold one at a time (see `cohort_core::aggregate`).
     fold_permit: Arc<Semaphore>,
+    /// Pulls that stream at once. Each streaming pull holds up to the
+    /// client's receive window of encoded chunks in the coordinator; without a
+    /// bound, 200 simultaneous pulls held O(workers x parameters).
+    pull_permits: Arc<Semaphore>,
 }
+
+/// How many pulls stream at the same time; the others wait their turn.
+pub const CONCURRENT_PULLS: usize = 4;
 
 impl CoordinatorService {
     pub fn new(engine: EngineHandle, plan: Arc<JobPlan>) -> CoordinatorService {
@@ -39,6 +46,7 @@ impl CoordinatorService {
             engine,
             plan,
             fold_permit: Arc::new(Semaphore::new(1)),
+            pull_permits: Arc::new(Semaphore::new(CONCURRENT_PULLS)),
         }
     }
 
@@ -229,12 +237,21 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let params = self
             .engine_call(move |engine, now| engine.pull(worker, version, now))
             .await?;
-        Ok(Response::new(param_chunks(
+        let permit = Arc::clone(&self.pull_permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+        let chunks = param_chunks(
             &self.layout,
             params,
             version,
             self.plan.max_chunk_bytes as usize,
-        )))
+        );
+        // The permit lives as long as the stream: released when it ends or is dropped.
+        Ok(Response::new(Box::pin(chunks.map(move |chunk| {
+            let _streaming = &permit;
+            chunk
+        }))))
     }
 
     #[instrument(skip_all, fields(worker, round))]
@@ -243,6 +260,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::PushUpdateResponse>, Status> {
         let mut stream = request.into_inner();
+        // Wait for the fold before reading anything: a waiting push then holds
+        // only its HTTP/2 stream window in the coordinator, not decoded chunks.
+        let _permit = self
+            .fold_permit
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
         let first = tokio::time::timeout(self.plan.chunk_timeout, stream.next())
             .await
             .map_err(|_| Status::deadline_exceeded("no push header arrived"))?
@@ -256,11 +280,6 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let (worker, header) = push_header_from_proto(header)?;
         tracing::Span::current().record("worker", tracing::field::display(worker));
         tracing::Span::current().record("round", header.round.0);
-        let _permit = self
-            .fold_permit
-            .acquire()
-            .await
-            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
         self.engine_call(move |engine, now| engine.begin_push(worker, header, now))
             .await?;
         match self.receive_push(worker, header.dtype, &mut stream).await {
