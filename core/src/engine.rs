@@ -1224,15 +1224,16 @@ impl RoundEngine {
             return;
         }
         // The sum buffer becomes the next parameters in place; the old
-        // parameters' buffer becomes the next sum unless a pull still holds it.
+        // parameters' buffer becomes the next sum unless a pull still holds
+        // it, so steady-state memory stays at three model-sized buffers
+        // (parameters, sum, undo) plus momentum. Allocating first would make a
+        // fourth resident (swap_sum zero-fills it).
         self.outer
             .step(&self.global, self.accumulator.sum_mut(), count);
-        let fresh = vec![0.0; self.global.len()];
-        let next = self.accumulator.swap_sum(fresh);
-        let old = std::mem::replace(&mut self.global, Arc::new(next));
-        if let Ok(reusable) = Arc::try_unwrap(old) {
-            drop(self.accumulator.swap_sum(reusable));
-        }
+        let len = self.global.len();
+        let old = std::mem::take(&mut self.global);
+        let recycled = Arc::try_unwrap(old).unwrap_or_else(|_still_pulled| vec![0.0; len]);
+        self.global = Arc::new(self.accumulator.swap_sum(recycled));
         let base_version = self.version;
         self.version = Version(self.version.0 + 1);
         self.committed_rounds += 1;
