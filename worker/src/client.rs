@@ -25,7 +25,7 @@ use crate::optim::{InnerConfig, InnerKind};
 use crate::trainer::{TrainStats, TrainerConfig, TrainerError, TrainerHandle};
 
 /// HTTP/2 frame size the client advertises (the coordinator uses the same).
-pub const HTTP2_MAX_FRAME_SIZE: u32 = 1 << 20;
+pub use cohort_proto::HTTP2_MAX_FRAME_SIZE;
 /// Largest gRPC message the client encodes or decodes; chunks are far smaller.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
