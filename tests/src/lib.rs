@@ -141,6 +141,16 @@ impl Drop for Proc {
     }
 }
 
+/// A model small enough for end-to-end tests on two CPU cores (job-file TOML).
+pub const TINY_MODEL: &str = r#"
+[model]
+vocab_size = 256
+context_length = 32
+n_layer = 1
+n_head = 2
+d_model = 32
+"#;
+
 /// A job's directory: data prepared from the committed fixture, a job file,
 /// and the processes running it.
 pub struct Job {
@@ -272,6 +282,37 @@ impl Job {
         text.lines()
             .map(|l| serde_json::from_str(l).expect("metrics line"))
             .collect()
+    }
+
+    /// Asserts that `ledger.json` consumes every training shard exactly once
+    /// in each of the first `epochs` epochs, and nothing else.
+    pub fn assert_each_shard_consumed_once(&self, epochs: u64) {
+        let train_shards = self.manifest()["train"]
+            .as_array()
+            .expect("train shards")
+            .len() as u64;
+        let mut uses: std::collections::BTreeMap<(u64, u64), u32> = Default::default();
+        for line in self.ledger() {
+            let key = (
+                line["epoch"].as_u64().expect("epoch"),
+                line["shard"].as_u64().expect("shard"),
+            );
+            *uses.entry(key).or_default() += 1;
+        }
+        for epoch in 0..epochs {
+            for shard in 0..train_shards {
+                assert_eq!(
+                    uses.get(&(epoch, shard)),
+                    Some(&1),
+                    "epoch {epoch} shard {shard}: {uses:?}"
+                );
+            }
+        }
+        assert_eq!(
+            uses.len() as u64,
+            epochs * train_shards,
+            "a shard outside the training split was consumed: {uses:?}"
+        );
     }
 
     pub fn ledger(&self) -> Vec<serde_json::Value> {

@@ -1,19 +1,9 @@
 //! End-to-end pretraining over real processes: a coordinator and workers on
 //! loopback, training a tiny GPT on the committed State of the Union slice.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cohort_tests::{binary, DataOptions, Job, Proc};
-
-const TINY_MODEL: &str = r#"
-[model]
-vocab_size = 256
-context_length = 32
-n_layer = 1
-n_head = 2
-d_model = 32
-"#;
+use cohort_tests::{binary, DataOptions, Job, Proc, TINY_MODEL};
 
 const TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -149,29 +139,7 @@ heartbeat_ms = 1000
     job.start_worker(&[]);
     job.wait_all(TIMEOUT);
 
-    let mut uses: BTreeMap<(u64, u64), u32> = BTreeMap::new();
-    for line in job.ledger() {
-        *uses
-            .entry((
-                line["epoch"].as_u64().unwrap(),
-                line["shard"].as_u64().unwrap(),
-            ))
-            .or_default() += 1;
-    }
-    for epoch in 0..2 {
-        for shard in 0..train_shards {
-            assert_eq!(
-                uses.get(&(epoch, shard)),
-                Some(&1),
-                "epoch {epoch} shard {shard}: {uses:?}"
-            );
-        }
-    }
-    assert_eq!(
-        uses.len() as u64,
-        2 * train_shards,
-        "a shard outside the training split was consumed"
-    );
+    job.assert_each_shard_consumed_once(2);
     let last = job.metrics().pop().unwrap();
     assert_eq!(
         (last["final"].as_bool(), last["epochs"].as_u64()),

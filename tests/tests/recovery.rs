@@ -3,19 +3,11 @@
 //! coordinator resumes from the run store without losing a committed round or
 //! consuming a shard twice.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use cohort_tests::{binary, log_field, send_signal, wait_until, DataOptions, Job, Proc};
-
-const TINY_MODEL: &str = r#"
-[model]
-vocab_size = 256
-context_length = 32
-n_layer = 1
-n_head = 2
-d_model = 32
-"#;
+use cohort_tests::{
+    binary, log_field, send_signal, wait_until, DataOptions, Job, Proc, TINY_MODEL,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -81,24 +73,6 @@ fn field_u64(line: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
-/// Every training shard is consumed exactly once in epoch 0.
-fn assert_epoch_consumed_once(job: &Job) {
-    let train_shards = job.manifest()["train"].as_array().unwrap().len() as u64;
-    let mut uses: BTreeMap<(u64, u64), u32> = BTreeMap::new();
-    for line in job.ledger() {
-        *uses
-            .entry((
-                line["epoch"].as_u64().unwrap(),
-                line["shard"].as_u64().unwrap(),
-            ))
-            .or_default() += 1;
-    }
-    for shard in 0..train_shards {
-        assert_eq!(uses.get(&(0, shard)), Some(&1), "shard {shard}: {uses:?}");
-    }
-    assert_eq!(uses.len() as u64, train_shards, "{uses:?}");
-}
-
 fn wait_for_rounds(job: &mut Job, rounds: usize) {
     let ok = wait_until(TIMEOUT, || {
         job.round_numbers().len() >= rounds
@@ -155,7 +129,7 @@ fn a_killed_coordinator_resumes_without_losing_or_repeating_a_shard() {
         (next_round..next_round + after.len() as u64).collect::<Vec<_>>(),
         "round numbers continue from the checkpoint"
     );
-    assert_epoch_consumed_once(&job);
+    job.assert_each_shard_consumed_once(1);
     let markers: Vec<_> = job
         .metrics()
         .into_iter()
@@ -266,7 +240,7 @@ fn sigterm_checkpoints_exits_zero_and_a_restart_resumes_there() {
         "stopped in {stop_ms} ms at version {version}; recovery {} ms",
         field_u64(resumed[0], "recovery_ms")
     );
-    assert_epoch_consumed_once(&job);
+    job.assert_each_shard_consumed_once(1);
     let rounds = job.round_numbers();
     let mut sorted = rounds.clone();
     sorted.dedup();
