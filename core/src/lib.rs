@@ -10,6 +10,7 @@
 //! - [`params`]: flat parameter buffers, their layout and deterministic init.
 //! - [`codec`]: little-endian f32/bf16 tensor payloads, validated on decode.
 //! - [`aggregate`]: the running sum that pushes fold into, with exact undo.
+//! - [`clip`]: L2 clipping of updates and the norm bound for noised ones.
 //! - [`outer`]: the outer optimizer (averaging, SGD, Nesterov momentum).
 //! - [`scheduler`]: shard leasing with exactly-once consumption per epoch.
 //! - [`engine`]: the round state machine that ties them together.
@@ -18,6 +19,7 @@
 //! - [`privacy`]: differential-privacy accounting (RDP of the sampled Gaussian).
 
 pub mod aggregate;
+pub mod clip;
 pub mod codec;
 pub mod engine;
 

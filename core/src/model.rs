@@ -163,6 +163,42 @@ impl ModelConfig {
     pub fn parameter_count(&self) -> usize {
         self.tensor_specs().iter().map(TensorSpec::numel).sum()
     }
+
+    /// LoRA adapters (Hu et al. 2021) on every attention and MLP projection,
+    /// in the order they are pulled, pushed and checkpointed. For a base
+    /// weight `h.{i}.{proj}.weight` of shape `[out, in]` the adapter is
+    /// `h.{i}.{proj}.lora_a` `[rank, in]` and `h.{i}.{proj}.lora_b`
+    /// `[out, rank]`; the layer computes `W x + (alpha / rank) B A x`. `B`
+    /// starts at zero, so the adapted model starts as the base model.
+    pub fn lora_specs(&self, rank: u32) -> Vec<TensorSpec> {
+        let d = self.d_model as usize;
+        let r = rank as usize;
+        let mut specs = Vec::new();
+        for layer in 0..self.n_layer {
+            for (proj, out, inp) in [
+                ("attn.c_attn", 3 * d, d),
+                ("attn.c_proj", d, d),
+                ("mlp.c_fc", 4 * d, d),
+                ("mlp.c_proj", d, 4 * d),
+            ] {
+                specs.push(TensorSpec {
+                    name: format!("h.{layer}.{proj}.lora_a"),
+                    shape: vec![r, inp],
+                    // PEFT's Kaiming-uniform draws from U(-1/sqrt(in), 1/sqrt(in)):
+                    // the same standard deviation, as a normal.
+                    init: Init::Normal {
+                        std: 1.0 / (3.0 * inp as f32).sqrt(),
+                    },
+                });
+                specs.push(TensorSpec {
+                    name: format!("h.{layer}.{proj}.lora_b"),
+                    shape: vec![out, r],
+                    init: Init::Zeros,
+                });
+            }
+        }
+        specs
+    }
 }
 
 #[cfg(test)]
@@ -173,6 +209,30 @@ mod tests {
     fn gpt2_small_has_124m_parameters() {
         // 124,439,808 is GPT-2 small with tied embeddings (Radford et al. 2019, HF config).
         assert_eq!(ModelConfig::gpt2_small().parameter_count(), 124_439_808);
+    }
+
+    #[test]
+    fn lora_adapters_cover_every_projection() {
+        let config = ModelConfig::tiny_byte_level();
+        let specs = config.lora_specs(4);
+        assert_eq!(specs.len(), 2 * 4 * 2);
+        let base: std::collections::HashMap<String, Vec<usize>> = config
+            .tensor_specs()
+            .into_iter()
+            .map(|t| (t.name, t.shape))
+            .collect();
+        for pair in specs.chunks(2) {
+            let stem = pair[0].name.strip_suffix(".lora_a").unwrap();
+            assert_eq!(pair[1].name, format!("{stem}.lora_b"));
+            let weight = &base[&format!("{stem}.weight")];
+            // B A has the base weight's shape [out, in].
+            assert_eq!(pair[1].shape[0], weight[0]);
+            assert_eq!(pair[0].shape[1], weight[1]);
+            assert_eq!(pair[0].shape[0], 4);
+            assert_eq!(pair[1].init, Init::Zeros);
+        }
+        // 2 layers x (4*(64+192) + 4*(64+64) + 4*(64+256) + 4*(256+64)) = 8192.
+        assert_eq!(specs.iter().map(TensorSpec::numel).sum::<usize>(), 8192);
     }
 
     #[test]
