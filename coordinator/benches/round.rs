@@ -366,6 +366,7 @@ async fn simulated_worker(
     let mut client = CoordinatorClient::new(channel);
     let join = client
         .join(pb::JoinRequest {
+            token: String::new(),
             info: Some(pb::WorkerInfo {
                 hostname: "round-bench".into(),
                 device: "cpu".into(),
@@ -390,6 +391,7 @@ async fn simulated_worker(
 
     let mut stream = client
         .pull_params(pb::PullParamsRequest {
+            base: false,
             worker_id: worker_id.clone(),
             version: train.version,
         })

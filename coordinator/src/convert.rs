@@ -137,6 +137,7 @@ pub fn job_spec_to_proto(plan: &JobPlan) -> pb::JobSpec {
     let m = &plan.model;
     let i = &plan.inner;
     pb::JobSpec {
+        federated: None,
         job_name: plan.name.clone(),
         model: Some(pb::ModelConfig {
             vocab_size: m.vocab_size,

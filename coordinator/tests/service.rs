@@ -103,7 +103,10 @@ async fn join(c: &mut CoordinatorClient<Channel>) -> (String, pb::JobSpec) {
         role: 1,
     };
     let response = c
-        .join(pb::JoinRequest { info: Some(info) })
+        .join(pb::JoinRequest {
+            info: Some(info),
+            token: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -131,6 +134,7 @@ async fn pull(
 ) -> Result<Vec<f32>, tonic::Status> {
     let mut stream = c
         .pull_params(pb::PullParamsRequest {
+            base: false,
             worker_id: worker.into(),
             version,
         })
@@ -250,7 +254,11 @@ async fn every_bad_request_is_refused_and_a_clean_round_commits_exactly() {
         "malformed",
     );
     assert_refused(
-        a.join(pb::JoinRequest { info: None }).await,
+        a.join(pb::JoinRequest {
+            info: None,
+            token: String::new(),
+        })
+        .await,
         Code::InvalidArgument,
         "worker info",
     );

@@ -87,7 +87,9 @@ mod tests {
     fn clipping_bounds_the_norm_and_keeps_the_direction() {
         let mut rng = SplitMix64::new(7);
         for scale in [0.01f32, 1.0, 100.0] {
-            let original: Vec<f32> = (0..1000).map(|_| rng.next_normal() as f32 * scale).collect();
+            let original: Vec<f32> = (0..1000)
+                .map(|_| rng.next_normal() as f32 * scale)
+                .collect();
             let mut clipped = original.clone();
             let outcome = clip_l2(&mut clipped, 1.0);
             let after = l2_norm(&clipped);

@@ -605,6 +605,7 @@ impl Worker {
 
     async fn join(&mut self) -> Result<Session, ClientError> {
         let request = pb::JoinRequest {
+            token: String::new(),
             info: Some(pb::WorkerInfo {
                 hostname: self.config.hostname.clone(),
                 device: device_name(self.config.device),
@@ -761,6 +762,7 @@ impl Worker {
 
     async fn pull(&self, session: &Session, version: u64) -> Result<(Vec<f32>, u64), Interrupt> {
         let request = pb::PullParamsRequest {
+            base: false,
             worker_id: session.worker_id.clone(),
             version,
         };
@@ -936,6 +938,7 @@ mod tests {
 
     pub(crate) fn job_spec(model: &ModelConfig) -> pb::JobSpec {
         pb::JobSpec {
+            federated: None,
             job_name: "t".into(),
             model: Some(pb::ModelConfig {
                 vocab_size: model.vocab_size,

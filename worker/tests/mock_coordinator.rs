@@ -30,6 +30,7 @@ fn model() -> ModelConfig {
 
 fn job_spec(model: &ModelConfig) -> pb::JobSpec {
     pb::JobSpec {
+        federated: None,
         job_name: "mock job".into(),
         model: Some(pb::ModelConfig {
             vocab_size: model.vocab_size,

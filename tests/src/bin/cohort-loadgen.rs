@@ -288,6 +288,7 @@ impl Client {
 
     async fn join(&self) -> Result<Session, Status> {
         let request = pb::JoinRequest {
+            token: String::new(),
             info: Some(pb::WorkerInfo {
                 hostname: format!("loadgen-{}", self.index),
                 device: "sim".into(),
@@ -402,6 +403,7 @@ impl Client {
 
     async fn pull(&self, session: &Session, version: u64) -> Result<(), Status> {
         let request = pb::PullParamsRequest {
+            base: false,
             worker_id: session.worker_id.clone(),
             version,
         };
