@@ -263,7 +263,7 @@ impl RunRecords {
             snapshot: engine.snapshot(),
             layout: engine.layout().clone(),
             params: Arc::clone(engine.global_params()),
-            momentum: engine.outer_optimizer().momentum().to_vec(),
+            momentum: engine.outer_optimizer().state().to_vec(),
         }
     }
 

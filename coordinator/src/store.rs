@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use cohort_core::engine::{tensor_identities, EngineSnapshot, ShardInfo, TensorIdentity};
 use cohort_core::model::ModelConfig;
+use cohort_core::outer::STATE_BUFFER_NAMES;
 use cohort_core::params::ParamLayout;
 use rusqlite::{params, Connection, OptionalExtension};
 use safetensors::tensor::{Dtype, TensorView};
@@ -31,8 +32,6 @@ use crate::data::{replace_atomically, DataError};
 pub const STORE_FILE: &str = "cohort.sqlite";
 /// Checkpoints kept; older ones are deleted.
 pub const KEEP_CHECKPOINTS: usize = 3;
-/// Prefix of the momentum tensors' names in a checkpoint file.
-pub const MOMENTUM_PREFIX: &str = "outer.momentum.";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS job (
@@ -458,14 +457,17 @@ impl RunStore {
             serde_json::from_str(&snapshot_json).map_err(|e| e.to_string())?;
         let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| e.to_string())?;
         let mut params = vec![0f32; layout.total()];
-        let mut momentum = Vec::new();
-        let has_momentum = tensors
-            .names()
+        // The outer optimizer's state buffers, back to back (see
+        // `cohort_core::outer::STATE_BUFFER_NAMES`).
+        let names = tensors.names();
+        let buffers = STATE_BUFFER_NAMES
             .iter()
-            .any(|name| name.starts_with(MOMENTUM_PREFIX));
-        if has_momentum {
-            momentum = vec![0f32; layout.total()];
-        }
+            .take_while(|buffer| {
+                let prefix = format!("outer.{buffer}.");
+                names.iter().any(|name| name.starts_with(&prefix))
+            })
+            .count();
+        let mut momentum = vec![0f32; buffers * layout.total()];
         for slot in layout.tensors() {
             let read = |name: &str, out: &mut [f32]| -> Result<(), String> {
                 let view = tensors.tensor(name).map_err(|e| e.to_string())?;
@@ -486,10 +488,11 @@ impl RunStore {
                 &slot.name,
                 &mut params[slot.offset..slot.offset + slot.numel],
             )?;
-            if has_momentum {
+            for (b, buffer) in STATE_BUFFER_NAMES.iter().take(buffers).enumerate() {
+                let start = b * layout.total() + slot.offset;
                 read(
-                    &format!("{MOMENTUM_PREFIX}{}", slot.name),
-                    &mut momentum[slot.offset..slot.offset + slot.numel],
+                    &format!("outer.{buffer}.{}", slot.name),
+                    &mut momentum[start..start + slot.numel],
                 )?;
             }
         }
@@ -520,11 +523,17 @@ fn write_state(
             TensorView::new(Dtype::F32, slot.shape.clone(), &param_bytes[range.clone()])
                 .map_err(serialize)?,
         ));
-        if !momentum.is_empty() {
+        let buffers = momentum.len() / layout.total().max(1);
+        for (b, buffer) in STATE_BUFFER_NAMES.iter().take(buffers).enumerate() {
+            let base = b * layout.total() * 4;
             views.push((
-                format!("{MOMENTUM_PREFIX}{}", slot.name),
-                TensorView::new(Dtype::F32, slot.shape.clone(), &momentum_bytes[range])
-                    .map_err(serialize)?,
+                format!("outer.{buffer}.{}", slot.name),
+                TensorView::new(
+                    Dtype::F32,
+                    slot.shape.clone(),
+                    &momentum_bytes[base + range.start..base + range.end],
+                )
+                .map_err(serialize)?,
             ));
         }
     }
@@ -646,7 +655,7 @@ mod tests {
                 &e.snapshot(),
                 e.layout(),
                 e.global_params(),
-                e.outer_optimizer().momentum(),
+                e.outer_optimizer().state(),
             )
             .unwrap();
         let mut bigger = other.clone();

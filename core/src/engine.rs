@@ -1356,13 +1356,10 @@ impl RoundEngine {
         }
         let mut engine = RoundEngine::new(config, train_shards, eval_shards, params)?;
         let total = engine.layout.total();
-        engine.outer = OuterOptimizer::with_momentum(engine.config.outer, total, momentum.clone())
+        engine.outer = OuterOptimizer::with_state(engine.config.outer, total, momentum.clone())
             .ok_or(RestoreError::Momentum {
                 got: momentum.len(),
-                expected: match engine.config.outer {
-                    OuterOptimizerConfig::Nesterov { .. } => total,
-                    _ => 0,
-                },
+                expected: engine.config.outer.state_buffers() * total,
             })?;
         engine.scheduler =
             ShardScheduler::restore(engine.shards.keys().copied().collect(), snapshot.scheduler)?;
@@ -1830,7 +1827,7 @@ mod tests {
         assert_eq!(snapshot.version, Version(1));
         let json = serde_json::to_string(&snapshot).unwrap();
         let params = a.global_params().as_slice().to_vec();
-        let momentum = a.outer_optimizer().momentum().to_vec();
+        let momentum = a.outer_optimizer().state().to_vec();
         assert!(momentum.iter().any(|&m| m != 0.0));
         let eval = vec![ShardInfo {
             id: ShardId(1000),
@@ -1881,8 +1878,8 @@ mod tests {
         assert_eq!(trace_a.len(), 5, "6 rounds over two epochs of 6 shards");
         assert_eq!(a.global_params(), b.global_params());
         assert_eq!(
-            a.outer_optimizer().momentum(),
-            b.outer_optimizer().momentum()
+            a.outer_optimizer().state(),
+            b.outer_optimizer().state()
         );
         let key = |c: &Consumption| (c.epoch, c.shard);
         let ledger_a: Vec<_> = a.ledger().iter().map(key).collect();
