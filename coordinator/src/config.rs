@@ -423,6 +423,7 @@ impl JobFile {
             outer: self.outer,
             max_chunk_elems: c.max_chunk_bytes as usize / update_dtype.size_bytes(),
             seed: self.seed,
+            federated: None,
         };
         Ok(JobPlan {
             name: self.name,

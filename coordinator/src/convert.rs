@@ -69,6 +69,7 @@ pub fn worker_info_from_proto(info: Option<pb::WorkerInfo>) -> Result<WorkerInfo
         hostname: info.hostname,
         device: info.device,
         device_memory_bytes: info.device_memory_bytes,
+        client: None,
     })
 }
 

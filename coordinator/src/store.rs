@@ -578,6 +578,7 @@ mod tests {
             outer: OuterOptimizerConfig::default(),
             max_chunk_elems: 1 << 16,
             seed: 1,
+            federated: None,
         };
         let shards = (0..3)
             .map(|i| ShardInfo {

@@ -20,17 +20,37 @@
 //! - A worker whose lease expires is removed; its shards go back to the pool
 //!   and a worker that joins later may take its place in the round.
 //! - A shard counts as consumed only when the round that used it commits.
+//!
+//! Federated jobs ([`EngineConfig::federated`]) follow the same life cycle
+//! with these differences (see [`crate::federated`] for the rules):
+//! - There are no shards: clients train on their own data. Each round's
+//!   cohort is drawn from the connected clients (Poisson with rate q, or a
+//!   fixed size without DP); a round whose cohort is smaller than
+//!   `min_participants` (m) is aborted at once, and lost members are not
+//!   replaced.
+//! - A push must stay within the norm an honest clipped-and-noised update can
+//!   have ([`crate::clip::update_norm_bound`]); a larger one is undone.
+//! - With DP, a round that would overrun the budget is refused before its
+//!   cohort is told to train (the job finishes), and a round ready to commit
+//!   is first reported as [`Event::ReleaseReady`]: the caller writes the
+//!   privacy charge durably and only then calls [`RoundEngine::release`],
+//!   which adds the central noise (if any), divides by the expected cohort
+//!   size and applies the server optimizer.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::aggregate::{Accumulator, FoldError};
+use crate::clip::update_norm_bound;
 use crate::codec::DType;
+use crate::federated::{FederatedRoundSummary, FederatedRules, FederatedRulesError};
 use crate::ids::{RoundId, ShardId, Version, WorkerId};
 use crate::model::TensorSpec;
 use crate::outer::{OuterOptimizer, OuterOptimizerConfig};
 use crate::params::ParamLayout;
+use crate::privacy::{PrivacyLedger, SampledGaussianRound};
+use crate::rng::SplitMix64;
 use crate::scheduler::{Consumption, SchedulerRestoreError, SchedulerSnapshot, ShardScheduler};
 
 /// Everything the engine needs to know about the job.
@@ -60,6 +80,8 @@ pub struct EngineConfig {
     /// Largest accepted chunk, in elements.
     pub max_chunk_elems: usize,
     pub seed: u64,
+    /// Federated fine-tuning rules; `None` for pretraining.
+    pub federated: Option<FederatedRules>,
 }
 
 /// One token shard as the scheduler and workers see it.
@@ -94,6 +116,10 @@ pub enum EngineConfigError {
     Endless,
     #[error(transparent)]
     Outer(#[from] crate::outer::OuterConfigError),
+    #[error(transparent)]
+    Federated(#[from] FederatedRulesError),
+    #[error("a federated job ends after train.max_rounds rounds (> 0); epochs do not apply")]
+    FederatedLimits,
 }
 
 /// Why an input was refused. Each maps to one gRPC status at the service edge.
@@ -146,6 +172,10 @@ pub enum EngineError {
     JobFinished,
     #[error("push stream failed: {0}")]
     StreamFailed(String),
+    #[error("update norm {norm:.6} exceeds {bound:.6}, the most that clipping to the job's norm plus its noise can produce")]
+    UpdateNormTooLarge { norm: f64, bound: f64 },
+    #[error("round {0} is not waiting for its release")]
+    NoPendingRelease(RoundId),
 }
 
 /// The format of [`EngineSnapshot`]; bumped when its meaning changes.
@@ -187,6 +217,11 @@ pub struct EngineSnapshot {
     /// The training split: restoring onto other shards is refused.
     pub train_shards: Vec<ShardInfo>,
     pub scheduler: SchedulerSnapshot,
+    /// State of the federated cohort sampler (federated jobs only). The
+    /// privacy ledger is not here: it is stored on its own, charged before
+    /// every release, so that it is never older than the parameters.
+    #[serde(default)]
+    pub sampling_rng_state: Option<u64>,
 }
 
 /// Why a snapshot cannot be restored.
@@ -262,6 +297,9 @@ pub struct WorkerInfo {
     pub hostname: String,
     pub device: String,
     pub device_memory_bytes: u64,
+    /// The enrolled client this worker speaks for (federated jobs); a client
+    /// that joins again replaces its previous membership.
+    pub client: Option<String>,
 }
 
 /// Training statistics a worker reports with its push.
@@ -332,6 +370,7 @@ pub struct RoundSummary {
     /// Held-out loss of `base_version`, when this round evaluated it.
     pub eval_loss: Option<f64>,
     pub epoch: u64,
+    pub federated: Option<FederatedRoundSummary>,
 }
 
 /// Things that happened, for the caller to log or act on.
@@ -357,6 +396,22 @@ pub enum Event {
         reason: String,
     },
     RoundCommitted(RoundSummary),
+    /// A federated round with DP is ready: charge `cost` durably, then call
+    /// [`RoundEngine::release`]. Nothing has been published yet.
+    ReleaseReady {
+        round: RoundId,
+        shares: usize,
+        cost: SampledGaussianRound,
+        /// Epsilon spent once this round is charged (at the budget's delta).
+        epsilon_after: f64,
+    },
+    /// The next round could overrun the privacy budget: the job ends.
+    BudgetExhausted {
+        epsilon_spent: f64,
+        epsilon_if_next_round: f64,
+        budget_epsilon: f64,
+        delta: f64,
+    },
     RoundAborted {
         round: RoundId,
         pushed: usize,
@@ -394,6 +449,8 @@ enum PushState {
         next_offset: usize,
         wire_bytes: u64,
         header: PushHeader,
+        /// Σ v² of the values folded so far (federated norm check).
+        sum_squares: f64,
     },
     Pushed(PushStats),
 }
@@ -419,6 +476,16 @@ struct ActiveRound {
     participants: BTreeMap<WorkerId, Participant>,
     bytes_pulled: u64,
     bytes_pushed: u64,
+    /// Norms of the complete pushes (federated).
+    update_norms: Vec<f64>,
+}
+
+/// A federated round whose sum waits for its privacy charge to be durable.
+#[derive(Debug)]
+struct PendingRelease {
+    round: ActiveRound,
+    shares: usize,
+    cost: SampledGaussianRound,
 }
 
 #[derive(Debug)]
@@ -453,6 +520,13 @@ pub struct RoundEngine {
     phase: Phase,
     final_eval_loss: Option<f64>,
     events: Vec<Event>,
+    /// Privacy spent so far (federated jobs with DP).
+    privacy: PrivacyLedger,
+    /// Draws federated cohorts.
+    sampling_rng: SplitMix64,
+    pending_release: Option<PendingRelease>,
+    /// Why the job ended early (the privacy budget), if it did.
+    stop_reason: Option<String>,
 }
 
 /// How long an idle worker is told to wait before asking again.
@@ -468,13 +542,22 @@ impl RoundEngine {
         if config.tensors.is_empty() {
             return Err(EngineConfigError::NoTensors);
         }
-        if train_shards.is_empty() {
+        if let Some(rules) = &config.federated {
+            rules.validate(config.min_participants)?;
+            if config.max_rounds == 0 || config.max_epochs != 0 {
+                return Err(EngineConfigError::FederatedLimits);
+            }
+        } else if train_shards.is_empty() {
             return Err(EngineConfigError::NoShards);
         }
+        let shards_per_worker = match config.federated {
+            Some(_) => 1,
+            None => config.shards_per_worker,
+        };
         for (field, value) in [
             ("min_workers", config.min_workers),
             ("min_participants", config.min_participants),
-            ("shards_per_worker", config.shards_per_worker),
+            ("shards_per_worker", shards_per_worker),
             ("max_chunk_elems", config.max_chunk_elems),
         ] {
             if value == 0 {
@@ -526,6 +609,15 @@ impl RoundEngine {
             phase: Phase::Training,
             final_eval_loss: None,
             events: Vec::new(),
+            privacy: PrivacyLedger::default(),
+            sampling_rng: SplitMix64::new(
+                config
+                    .federated
+                    .as_ref()
+                    .map_or(0, |rules| rules.sampling_seed),
+            ),
+            pending_release: None,
+            stop_reason: None,
             config,
         })
     }
@@ -573,6 +665,23 @@ impl RoundEngine {
         self.committed_rounds
     }
 
+    /// Privacy spent so far (empty for pretraining and jobs without DP).
+    pub fn privacy_ledger(&self) -> &PrivacyLedger {
+        &self.privacy
+    }
+
+    /// Installs the privacy ledger a restarted coordinator read back from its
+    /// store. The durable ledger is authoritative: it may hold charges for
+    /// rounds that were never published (spent, never refunded).
+    pub fn restore_privacy_ledger(&mut self, ledger: PrivacyLedger) {
+        self.privacy = ledger;
+    }
+
+    /// Why the job finished, once it has.
+    pub fn finish_reason_text(&self) -> String {
+        self.finish_reason()
+    }
+
     pub fn is_finished(&self) -> bool {
         matches!(self.phase, Phase::Finished)
     }
@@ -589,6 +698,17 @@ impl RoundEngine {
     // ---- membership ----------------------------------------------------------
 
     pub fn join(&mut self, info: WorkerInfo, now: Instant) -> (WorkerId, Duration) {
+        if let Some(client) = &info.client {
+            let previous: Vec<WorkerId> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.info.client.as_ref() == Some(client))
+                .map(|(&id, _)| id)
+                .collect();
+            for worker in previous {
+                self.expire(worker);
+            }
+        }
         let worker = WorkerId(self.next_worker);
         self.next_worker += 1;
         self.workers.insert(
@@ -730,6 +850,9 @@ impl RoundEngine {
     }
 
     fn finish_reason(&self) -> String {
+        if let Some(reason) = &self.stop_reason {
+            return reason.clone();
+        }
         format!(
             "job finished after {} rounds and {} epochs at {}",
             self.committed_rounds, self.epochs_completed, self.version
@@ -739,6 +862,10 @@ impl RoundEngine {
     /// A worker that is not in the running round replaces a lost participant,
     /// if the round lost one and shards are waiting.
     fn maybe_join_running_round(&mut self, worker: WorkerId) {
+        if self.config.federated.is_some() {
+            // A cohort is drawn at the start of the round; nobody joins it later.
+            return;
+        }
         let Some(round) = &mut self.round else { return };
         if round.participants.contains_key(&worker)
             || round.participants.len() >= round.target_participants
@@ -760,10 +887,17 @@ impl RoundEngine {
     }
 
     fn maybe_start_round(&mut self, now: Instant) {
-        if self.round.is_some() || !matches!(self.phase, Phase::Training) {
+        if self.round.is_some()
+            || self.pending_release.is_some()
+            || !matches!(self.phase, Phase::Training)
+        {
             return;
         }
         if self.workers.len() < self.config.min_workers {
+            return;
+        }
+        if self.config.federated.is_some() {
+            self.start_federated_round(now);
             return;
         }
         let cap = match self.config.max_workers_per_round {
@@ -817,6 +951,84 @@ impl RoundEngine {
             participants,
             bytes_pulled: 0,
             bytes_pushed: 0,
+            update_norms: Vec::new(),
+        });
+    }
+
+    /// Refuses the round if it could overrun the budget, then draws its cohort.
+    fn start_federated_round(&mut self, now: Instant) {
+        let rules = self.config.federated.as_ref().expect("federated job");
+        let m = self.config.min_participants;
+        if let (Some(budget), Some(worst_case)) = (rules.budget, rules.round_cost(m, m)) {
+            // The cheapest release this round may make has m shares; with
+            // more, the noise in the sum (and so the cost) only improves.
+            let check = self
+                .privacy
+                .check(&worst_case, &budget)
+                .expect("rules and budget were validated");
+            if !check.within_budget {
+                let spent = self
+                    .privacy
+                    .epsilon(budget.delta)
+                    .expect("validated delta")
+                    .epsilon;
+                self.stop_reason = Some(format!(
+                    "privacy budget reached: epsilon spent {spent:.4} of {:.4} (delta {:e}); the next round would bring it to {:.4}",
+                    budget.epsilon, budget.delta, check.epsilon_after.epsilon
+                ));
+                self.events.push(Event::BudgetExhausted {
+                    epsilon_spent: spent,
+                    epsilon_if_next_round: check.epsilon_after.epsilon,
+                    budget_epsilon: budget.epsilon,
+                    delta: budget.delta,
+                });
+                self.finish();
+                return;
+            }
+        }
+        let clients: Vec<WorkerId> = self.workers.keys().copied().collect();
+        let cohort = rules.sample_cohort(&clients, &mut self.sampling_rng);
+        let id = RoundId(self.next_round);
+        self.next_round += 1;
+        self.events.push(Event::RoundStarted {
+            round: id,
+            version: self.version,
+            participants: cohort.len(),
+            shards: 0,
+        });
+        if cohort.len() < m {
+            // Nothing can be released: no charge, try again with a new draw.
+            self.events.push(Event::RoundAborted {
+                round: id,
+                pushed: 0,
+                needed: m,
+                returned_shards: 0,
+            });
+            return;
+        }
+        let participants = cohort
+            .into_iter()
+            .map(|worker| {
+                (
+                    worker,
+                    Participant {
+                        shards: Vec::new(),
+                        evaluates: false,
+                        state: PushState::Assigned,
+                    },
+                )
+            })
+            .collect::<BTreeMap<_, _>>();
+        self.round = Some(ActiveRound {
+            id,
+            started_at: now,
+            deadline: now + self.config.round_deadline,
+            target_participants: participants.len(),
+            quorum: m,
+            participants,
+            bytes_pulled: 0,
+            bytes_pushed: 0,
+            update_norms: Vec::new(),
         });
     }
 
@@ -874,6 +1086,7 @@ impl RoundEngine {
             next_offset: 0,
             wire_bytes: 0,
             header,
+            sum_squares: 0.0,
         };
         Ok(())
     }
@@ -986,6 +1199,7 @@ impl RoundEngine {
             next_tensor,
             next_offset,
             wire_bytes: push_bytes,
+            sum_squares,
             ..
         } = &mut participant.state
         else {
@@ -1045,6 +1259,9 @@ impl RoundEngine {
             *next_offset = 0;
         }
         *push_bytes += wire_bytes as u64;
+        if self.config.federated.is_some() {
+            *sum_squares += crate::clip::sum_of_squares(values);
+        }
         Ok(())
     }
 
@@ -1064,11 +1281,31 @@ impl RoundEngine {
             next_tensor,
             header,
             wire_bytes,
+            sum_squares,
             ..
         } = participant.state
         else {
             return Err(EngineError::NoOpenPush(worker));
         };
+        let norm = sum_squares.sqrt();
+        if let Some(rules) = &self.config.federated {
+            if rules.clip_norm > 0.0 && next_tensor == self.layout.tensors().len() {
+                let bound = update_norm_bound(
+                    rules.clip_norm,
+                    rules.client_noise_stddev(self.config.min_participants),
+                    self.layout.total(),
+                );
+                if norm > bound {
+                    let error = EngineError::UpdateNormTooLarge { norm, bound };
+                    self.abort_push(worker, &error);
+                    return Err(error);
+                }
+            }
+        }
+        let Some(round) = self.round.as_mut() else {
+            return Err(EngineError::NoOpenPush(worker));
+        };
+        let participant = round.participants.get_mut(&worker).expect("checked above");
         if next_tensor != self.layout.tensors().len() {
             let received = self
                 .layout
@@ -1087,6 +1324,7 @@ impl RoundEngine {
         participant.state = PushState::Pushed(header.stats);
         // Only updates that count are reported as pushed bytes.
         round.bytes_pushed += wire_bytes;
+        round.update_norms.push(norm);
         let receipt = PushReceipt {
             round: round.id,
             received: round
@@ -1223,6 +1461,31 @@ impl RoundEngine {
             self.abort_round();
             return;
         }
+        if let Some(rules) = &self.config.federated {
+            let m = self.config.min_participants;
+            match (rules.budget, rules.round_cost(count, m)) {
+                (Some(budget), Some(cost)) => {
+                    let epsilon_after = self
+                        .privacy
+                        .epsilon_after(&cost, budget.delta)
+                        .expect("validated")
+                        .epsilon;
+                    self.events.push(Event::ReleaseReady {
+                        round: round.id,
+                        shares: count,
+                        cost,
+                        epsilon_after,
+                    });
+                    self.pending_release = Some(PendingRelease {
+                        round,
+                        shares: count,
+                        cost,
+                    });
+                }
+                _ => self.publish_federated(round, count, None, now),
+            }
+            return;
+        }
         // The sum buffer becomes the next parameters in place; the old
         // parameters' buffer becomes the next sum unless a pull still holds
         // it, so steady-state memory stays at three model-sized buffers
@@ -1267,6 +1530,7 @@ impl RoundEngine {
             wall,
             eval_loss,
             epoch: self.scheduler.epoch(),
+            federated: None,
         }));
         if self.scheduler.epoch_complete() {
             self.epochs_completed += 1;
@@ -1288,6 +1552,119 @@ impl RoundEngine {
             if matches!(self.phase, Phase::Finished) {
                 self.finish();
             }
+        } else {
+            self.maybe_start_round(now);
+        }
+    }
+
+    /// Publishes a federated round whose privacy charge (if any) is durable:
+    /// adds the central noise through `add_central_noise(sum, stddev)` when
+    /// the DP mode is central, divides by the expected cohort size and
+    /// applies the server optimizer. If the noise cannot be added the round
+    /// is aborted (its charge stays spent) and the error returned.
+    pub fn release(
+        &mut self,
+        round: RoundId,
+        now: Instant,
+        add_central_noise: impl FnOnce(&mut [f32], f64) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let Some(pending) = self.pending_release.take_if(|p| p.round.id == round) else {
+            return Err(EngineError::NoPendingRelease(round).to_string());
+        };
+        self.privacy
+            .charge(&pending.cost)
+            .expect("the cost was computed from validated rules");
+        let rules = self.config.federated.as_ref().expect("federated job");
+        let stddev = rules.central_noise_stddev();
+        if stddev > 0.0 {
+            if let Err(error) = add_central_noise(self.accumulator.sum_mut(), stddev) {
+                self.round = Some(pending.round);
+                self.abort_round();
+                self.maybe_start_round(now);
+                return Err(error);
+            }
+        }
+        self.publish_federated(pending.round, pending.shares, Some(pending.cost), now);
+        Ok(())
+    }
+
+    fn publish_federated(
+        &mut self,
+        round: ActiveRound,
+        count: usize,
+        cost: Option<SampledGaussianRound>,
+        now: Instant,
+    ) {
+        let rules = self.config.federated.as_ref().expect("federated job");
+        // With DP the divisor must not depend on who arrived (DP-FedAvg);
+        // without it, plain FedAvg averages what arrived.
+        let divisor = match rules.round_cost(count, self.config.min_participants) {
+            Some(_) => rules.expected_cohort(),
+            None => count as f64,
+        };
+        let sampled = round.target_participants;
+        let summary_privacy = rules.budget.map(|budget| {
+            let spent = self
+                .privacy
+                .epsilon(budget.delta)
+                .expect("validated delta")
+                .epsilon;
+            (spent, budget)
+        });
+        let base_version = self.version;
+        self.outer
+            .step_with_divisor(&self.global, self.accumulator.sum_mut(), divisor);
+        let len = self.global.len();
+        let old = std::mem::take(&mut self.global);
+        let recycled = Arc::try_unwrap(old).unwrap_or_else(|_still_pulled| vec![0.0; len]);
+        self.global = Arc::new(self.accumulator.swap_sum(recycled));
+        self.version = Version(self.version.0 + 1);
+        self.committed_rounds += 1;
+
+        let (mut tokens, mut weighted_loss) = (0u64, 0.0);
+        let (mut eval_tokens, mut weighted_eval) = (0u64, 0.0);
+        for participant in round.participants.values() {
+            if let PushState::Pushed(stats) = participant.state {
+                tokens += stats.tokens;
+                weighted_loss += stats.mean_loss * stats.tokens as f64;
+                if let Some(loss) = stats.eval_loss {
+                    let weight = stats.eval_tokens.max(1);
+                    eval_tokens += weight;
+                    weighted_eval += loss * weight as f64;
+                }
+            }
+        }
+        let wall = now.saturating_duration_since(round.started_at);
+        let mean_update_norm =
+            round.update_norms.iter().sum::<f64>() / round.update_norms.len().max(1) as f64;
+        self.events.push(Event::RoundCommitted(RoundSummary {
+            round: round.id,
+            base_version,
+            new_version: self.version,
+            participants: count,
+            mean_loss: if tokens > 0 {
+                weighted_loss / tokens as f64
+            } else {
+                0.0
+            },
+            tokens,
+            tokens_per_second: tokens as f64 / wall.as_secs_f64().max(1e-9),
+            bytes_pulled: round.bytes_pulled,
+            bytes_pushed: round.bytes_pushed,
+            wall,
+            eval_loss: (eval_tokens > 0).then(|| weighted_eval / eval_tokens as f64),
+            epoch: 0,
+            federated: Some(FederatedRoundSummary {
+                sampled,
+                mean_update_norm,
+                noise_multiplier: cost.map_or(0.0, |c| c.noise_multiplier),
+                epsilon_spent: summary_privacy.map(|(spent, _)| spent),
+                epsilon_budget: summary_privacy.map(|(_, b)| b.epsilon),
+                delta: summary_privacy.map(|(_, b)| b.delta),
+            }),
+        }));
+        if self.committed_rounds >= self.config.max_rounds {
+            self.finish();
         } else {
             self.maybe_start_round(now);
         }
@@ -1317,6 +1694,11 @@ impl RoundEngine {
             tensors: tensor_identities(&self.config.tensors),
             train_shards: self.shards.values().cloned().collect(),
             scheduler: self.scheduler.snapshot(),
+            sampling_rng_state: self
+                .config
+                .federated
+                .as_ref()
+                .map(|_| self.sampling_rng.state()),
         }
     }
 
@@ -1368,6 +1750,9 @@ impl RoundEngine {
         engine.next_worker = snapshot.next_worker.max(1);
         engine.committed_rounds = snapshot.committed_rounds;
         engine.epochs_completed = snapshot.epochs_completed;
+        if let Some(state) = snapshot.sampling_rng_state {
+            engine.sampling_rng = SplitMix64::new(state);
+        }
         let c = &engine.config;
         let limits_reached = (c.max_rounds != 0 && engine.committed_rounds >= c.max_rounds)
             || (c.max_epochs != 0 && engine.epochs_completed >= c.max_epochs);
@@ -1430,6 +1815,7 @@ mod tests {
             outer: OuterOptimizerConfig::Average,
             max_chunk_elems: 4,
             seed: 3,
+            federated: None,
         }
     }
 
@@ -1877,10 +2263,7 @@ mod tests {
             .all(|(x, y)| x.0 .0 == y.0 .0 + 1));
         assert_eq!(trace_a.len(), 5, "6 rounds over two epochs of 6 shards");
         assert_eq!(a.global_params(), b.global_params());
-        assert_eq!(
-            a.outer_optimizer().state(),
-            b.outer_optimizer().state()
-        );
+        assert_eq!(a.outer_optimizer().state(), b.outer_optimizer().state());
         let key = |c: &Consumption| (c.epoch, c.shard);
         let ledger_a: Vec<_> = a.ledger().iter().map(key).collect();
         let ledger_b: Vec<_> = b.ledger().iter().map(key).collect();

@@ -13,6 +13,7 @@
 //! - [`clip`]: L2 clipping of updates and the norm bound for noised ones.
 //! - [`outer`]: the outer optimizer (averaging, SGD, Nesterov momentum).
 //! - [`scheduler`]: shard leasing with exactly-once consumption per epoch.
+//! - [`federated`]: cohort sampling, DP modes and what a federated round costs.
 //! - [`engine`]: the round state machine that ties them together.
 //! - [`shard_file`]: the on-disk token shard format (encode/decode of bytes).
 //! - [`rng`]: a small seeded PRNG so that runs are reproducible.
@@ -22,6 +23,7 @@ pub mod aggregate;
 pub mod clip;
 pub mod codec;
 pub mod engine;
+pub mod federated;
 
 pub mod ids;
 pub mod model;

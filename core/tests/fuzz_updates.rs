@@ -46,6 +46,7 @@ fn engine() -> RoundEngine {
         outer: OuterOptimizerConfig::Average,
         max_chunk_elems: 6,
         seed: 1,
+        federated: None,
     };
     let shards = (0..4)
         .map(|i| ShardInfo {
