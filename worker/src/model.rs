@@ -1,8 +1,11 @@
-//! The GPT decoder in tch, its variables named exactly as `cohort_core::model::ModelConfig::tensor_specs()`.
+//! The GPT decoder in tch, its variables named exactly as `cohort_core::model::ModelConfig::tensor_specs()`,
+//! optionally with frozen base weights and trainable LoRA adapters ([`crate::lora`]).
 
 use cohort_core::model::ModelConfig;
 use cohort_core::params::ParamLayout;
 use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
+
+use crate::lora::{adapted_linear, LoraAdapters, LoraConfig};
 
 const LAYER_NORM_EPS: f64 = 1e-5;
 
@@ -15,6 +18,8 @@ pub enum ModelError {
     ParamCount { expected: usize, actual: usize },
     #[error("input has {actual} positions, more than the context length {context}")]
     TooLong { actual: i64, context: i64 },
+    #[error("LoRA needs a rank of at least 1 and a positive alpha, got {0:?}")]
+    Lora(LoraConfig),
     #[error("torch error: {0}")]
     Torch(#[from] TchError),
 }
@@ -46,6 +51,8 @@ pub struct Gpt {
     blocks: Vec<Block>,
     ln_f_w: Tensor,
     ln_f_b: Tensor,
+    /// With LoRA, the base parameters are frozen and only these train.
+    lora: Option<LoraAdapters>,
 }
 
 impl std::fmt::Debug for Gpt {
@@ -53,13 +60,15 @@ impl std::fmt::Debug for Gpt {
         f.debug_struct("Gpt")
             .field("config", &self.config)
             .field("parameters", &self.layout.total())
+            .field("lora", &self.lora)
             .field("device", &self.vs.device())
             .finish()
     }
 }
 
-/// Creates a zero-filled variable whose VarStore name is `name` (dots become sub-paths).
-fn add_var(root: &nn::Path, name: &str, shape: &[usize]) -> Tensor {
+/// Creates a zero-filled variable whose VarStore name is `name` (dots become sub-paths);
+/// a frozen one (`trainable` false) does not require gradients.
+pub(crate) fn add_var(root: &nn::Path, name: &str, shape: &[usize], trainable: bool) -> Tensor {
     let mut parts: Vec<&str> = name.split('.').collect();
     let last = parts.pop().unwrap_or(name);
     let mut path = root.clone();
@@ -67,12 +76,81 @@ fn add_var(root: &nn::Path, name: &str, shape: &[usize]) -> Tensor {
         path = path.sub(part);
     }
     let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-    path.zeros(last, &dims)
+    if trainable {
+        path.zeros(last, &dims)
+    } else {
+        path.zeros_no_train(last, &dims)
+    }
+}
+
+/// Copies `flat`, laid out as `layout`, into `params` (in layout order).
+fn load_tensors(
+    params: &[Tensor],
+    layout: &ParamLayout,
+    flat: &[f32],
+    device: Device,
+) -> Result<(), ModelError> {
+    if flat.len() != layout.total() {
+        return Err(ModelError::ParamCount {
+            expected: layout.total(),
+            actual: flat.len(),
+        });
+    }
+    tch::no_grad(|| -> Result<(), ModelError> {
+        for (param, slot) in params.iter().zip(layout.tensors()) {
+            let dims: Vec<i64> = slot.shape.iter().map(|&d| d as i64).collect();
+            let src = Tensor::f_from_slice(&flat[slot.offset..slot.offset + slot.numel])?
+                .f_view(dims.as_slice())?
+                .f_to_device(device)?;
+            param.shallow_clone().f_copy_(&src)?;
+        }
+        Ok(())
+    })
+}
+
+/// Copies `params` out into one flat buffer laid out as `layout`.
+fn export_tensors(params: &[Tensor], layout: &ParamLayout) -> Result<Vec<f32>, ModelError> {
+    let mut flat = vec![0f32; layout.total()];
+    tch::no_grad(|| -> Result<(), ModelError> {
+        for (param, slot) in params.iter().zip(layout.tensors()) {
+            let host = param
+                .f_detach()?
+                .f_to_device(Device::Cpu)?
+                .f_to_kind(Kind::Float)?
+                .f_contiguous()?;
+            host.f_copy_data(&mut flat[slot.offset..slot.offset + slot.numel], slot.numel)?;
+        }
+        Ok(())
+    })?;
+    Ok(flat)
 }
 
 impl Gpt {
-    /// Builds the model with all parameters zero; load real values with [`Gpt::load_flat`].
+    /// Builds the model with all parameters zero and trainable; load real values with
+    /// [`Gpt::load_flat`].
     pub fn new(config: &ModelConfig, device: Device) -> Result<Gpt, ModelError> {
+        Gpt::build(config, None, device)
+    }
+
+    /// Builds the model with frozen base parameters and trainable LoRA adapters (`lora_specs`
+    /// of `lora.rank`), all zero: load the base with [`Gpt::load_flat`] and the adapters with
+    /// [`Gpt::load_trainable_flat`].
+    pub fn with_lora(
+        config: &ModelConfig,
+        lora: LoraConfig,
+        device: Device,
+    ) -> Result<Gpt, ModelError> {
+        if lora.rank == 0 || !(lora.alpha.is_finite() && lora.alpha > 0.0) {
+            return Err(ModelError::Lora(lora));
+        }
+        Gpt::build(config, Some(lora), device)
+    }
+
+    fn build(
+        config: &ModelConfig,
+        lora: Option<LoraConfig>,
+        device: Device,
+    ) -> Result<Gpt, ModelError> {
         config.validate()?;
         let specs = config.tensor_specs();
         let layout = ParamLayout::new(&specs);
@@ -80,8 +158,9 @@ impl Gpt {
         let root = vs.root();
         let params: Vec<Tensor> = specs
             .iter()
-            .map(|spec| add_var(&root, &spec.name, &spec.shape))
+            .map(|spec| add_var(&root, &spec.name, &spec.shape, lora.is_none()))
             .collect();
+        let lora = lora.map(|lora| LoraAdapters::new(&root, config, lora));
         // Spec order: wte, wpe, then 12 tensors per layer, then ln_f.weight, ln_f.bias.
         let p = |i: usize| params[i].shallow_clone();
         let blocks = (0..config.n_layer as usize)
@@ -112,6 +191,7 @@ impl Gpt {
             blocks,
             ln_f_w: p(n - 2),
             ln_f_b: p(n - 1),
+            lora,
             vs,
             params,
         })
@@ -147,42 +227,54 @@ impl Gpt {
             .collect()
     }
 
-    /// Copies a flat buffer laid out as [`ParamLayout`] into the variables.
+    /// Copies a flat buffer laid out as [`ParamLayout`] into the (base) model's variables.
     pub fn load_flat(&mut self, flat: &[f32]) -> Result<(), ModelError> {
-        if flat.len() != self.layout.total() {
-            return Err(ModelError::ParamCount {
-                expected: self.layout.total(),
-                actual: flat.len(),
-            });
-        }
-        let device = self.device();
-        tch::no_grad(|| -> Result<(), ModelError> {
-            for (param, slot) in self.params.iter().zip(self.layout.tensors()) {
-                let dims: Vec<i64> = slot.shape.iter().map(|&d| d as i64).collect();
-                let src = Tensor::f_from_slice(&flat[slot.offset..slot.offset + slot.numel])?
-                    .f_view(dims.as_slice())?
-                    .f_to_device(device)?;
-                param.shallow_clone().f_copy_(&src)?;
-            }
-            Ok(())
-        })
+        load_tensors(&self.params, &self.layout, flat, self.device())
     }
 
-    /// Copies the variables out into one flat buffer laid out as [`ParamLayout`].
+    /// Copies the (base) model's variables out into one flat buffer laid out as [`ParamLayout`].
     pub fn export_flat(&self) -> Result<Vec<f32>, ModelError> {
-        let mut flat = vec![0f32; self.layout.total()];
-        tch::no_grad(|| -> Result<(), ModelError> {
-            for (param, slot) in self.params.iter().zip(self.layout.tensors()) {
-                let host = param
-                    .f_detach()?
-                    .f_to_device(Device::Cpu)?
-                    .f_to_kind(Kind::Float)?
-                    .f_contiguous()?;
-                host.f_copy_data(&mut flat[slot.offset..slot.offset + slot.numel], slot.numel)?;
-            }
-            Ok(())
-        })?;
-        Ok(flat)
+        export_tensors(&self.params, &self.layout)
+    }
+
+    /// The LoRA adapters, when the model has them.
+    pub fn lora(&self) -> Option<&LoraAdapters> {
+        self.lora.as_ref()
+    }
+
+    /// The parameters that train, in the order they are pulled and pushed: the adapters with
+    /// LoRA, otherwise every parameter.
+    pub fn trainable_parameters(&self) -> &[Tensor] {
+        self.lora.as_ref().map_or(&self.params, |l| l.parameters())
+    }
+
+    /// The layout of [`Gpt::trainable_parameters`].
+    pub fn trainable_layout(&self) -> &ParamLayout {
+        self.lora.as_ref().map_or(&self.layout, |l| l.layout())
+    }
+
+    /// The names of [`Gpt::trainable_parameters`].
+    pub fn trainable_names(&self) -> Vec<String> {
+        self.trainable_layout()
+            .tensors()
+            .iter()
+            .map(|t| t.name.clone())
+            .collect()
+    }
+
+    /// Copies a flat buffer laid out as [`Gpt::trainable_layout`] into the trainable variables.
+    pub fn load_trainable_flat(&mut self, flat: &[f32]) -> Result<(), ModelError> {
+        load_tensors(
+            self.trainable_parameters(),
+            self.trainable_layout(),
+            flat,
+            self.device(),
+        )
+    }
+
+    /// Copies the trainable variables out, laid out as [`Gpt::trainable_layout`].
+    pub fn export_trainable_flat(&self) -> Result<Vec<f32>, ModelError> {
+        export_tensors(self.trainable_parameters(), self.trainable_layout())
     }
 
     fn layer_norm(&self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor, TchError> {
@@ -226,9 +318,15 @@ impl Gpt {
         let pos_emb = Tensor::f_embedding(&self.wpe, &pos, -1, false, false)?;
         let mut x = dropout(tok_emb.f_add(&pos_emb)?)?;
 
-        for block in &self.blocks {
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let adapters = self.lora.as_ref().map(|l| (&l.blocks[layer], l.scale()));
             let h = self.layer_norm(&x, &block.ln_1_w, &block.ln_1_b)?;
-            let qkv = h.f_linear(&block.c_attn_w, Some(&block.c_attn_b))?;
+            let qkv = adapted_linear(
+                &h,
+                &block.c_attn_w,
+                &block.c_attn_b,
+                adapters.map(|(a, s)| (&a.c_attn, s)),
+            )?;
             let parts = qkv.f_split(d, 2)?;
             let heads = |t: &Tensor| -> Result<Tensor, TchError> {
                 t.f_view([batch, time, n_head, head_dim])?.f_transpose(1, 2)
@@ -255,15 +353,29 @@ impl Gpt {
             let y = y
                 .f_transpose(1, 2)?
                 .f_contiguous()?
-                .f_view([batch, time, d])?
-                .f_linear(&block.attn_proj_w, Some(&block.attn_proj_b))?;
+                .f_view([batch, time, d])?;
+            let y = adapted_linear(
+                &y,
+                &block.attn_proj_w,
+                &block.attn_proj_b,
+                adapters.map(|(a, s)| (&a.attn_proj, s)),
+            )?;
             x = x.f_add(&dropout(y)?)?;
 
             let h = self.layer_norm(&x, &block.ln_2_w, &block.ln_2_b)?;
-            let h = h
-                .f_linear(&block.c_fc_w, Some(&block.c_fc_b))?
-                .f_gelu("tanh")?
-                .f_linear(&block.mlp_proj_w, Some(&block.mlp_proj_b))?;
+            let h = adapted_linear(
+                &h,
+                &block.c_fc_w,
+                &block.c_fc_b,
+                adapters.map(|(a, s)| (&a.c_fc, s)),
+            )?
+            .f_gelu("tanh")?;
+            let h = adapted_linear(
+                &h,
+                &block.mlp_proj_w,
+                &block.mlp_proj_b,
+                adapters.map(|(a, s)| (&a.mlp_proj, s)),
+            )?;
             x = x.f_add(&dropout(h)?)?;
         }
         let x = self.layer_norm(&x, &self.ln_f_w, &self.ln_f_b)?;

@@ -1,18 +1,17 @@
 //! The training thread: owns the model and optimizer tensors and serves train/eval commands sent from async code.
 
-use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::Instant;
 
 use cohort_core::model::ModelConfig;
 use tch::{Device, Kind, Tensor};
-use tokio::sync::oneshot;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::data::{self, DataError};
 use crate::model::{Gpt, ModelError};
 use crate::optim::{InnerConfig, InnerOptimizer, OptimError};
+use crate::tensor_thread::{TensorThread, ThreadError};
+use crate::text::LocalDataError;
 
 /// Everything the training thread needs, fixed for the lifetime of a job.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,10 +48,10 @@ pub enum TrainerError {
     NoWindows { shards: usize, context: usize },
     #[error("the loss became non-finite ({0}); lower the learning rate or enable grad_clip")]
     NonFiniteLoss(f64),
-    #[error("the training thread panicked: {0}")]
-    Panicked(String),
-    #[error("the training thread has stopped")]
-    Stopped,
+    #[error(transparent)]
+    LocalData(#[from] LocalDataError),
+    #[error(transparent)]
+    Thread(#[from] ThreadError),
 }
 
 /// What a round of training produced.
@@ -163,19 +162,8 @@ impl Trainer {
             .collect()
     }
 
-    /// `[m, T]` inputs and targets on the model's device.
     fn batch_tensors(&self, windows: &[&[u32]]) -> Result<(Tensor, Tensor), TrainerError> {
-        let t = self.context() as i64;
-        let flat: Vec<i64> = windows
-            .iter()
-            .flat_map(|w| w.iter().map(|&x| i64::from(x)))
-            .collect();
-        let all = Tensor::f_from_slice(&flat)?
-            .f_view([windows.len() as i64, t + 1])?
-            .f_to_device(self.config.device)?;
-        let inputs = all.f_narrow(1, 0, t)?.f_contiguous()?;
-        let targets = all.f_narrow(1, 1, t)?.f_contiguous()?;
-        Ok((inputs, targets))
+        batch_tensors(windows, self.context(), self.config.device)
     }
 
     fn evaluate_loaded(&self, eval_shards: &[PathBuf]) -> Result<EvalOutput, TrainerError> {
@@ -191,21 +179,7 @@ impl Trainer {
                 context,
             });
         }
-        let sum = tch::no_grad(|| -> Result<f64, TrainerError> {
-            // Accumulated on the device: one synchronisation at the end.
-            let mut sum = Tensor::f_zeros([], (Kind::Double, self.config.device))?;
-            for micro in windows.chunks(self.config.micro_batch_size as usize) {
-                let (inputs, targets) = self.batch_tensors(micro)?;
-                let loss = self.model.loss_sum(&inputs, &targets, false)?;
-                sum = sum.f_add(&loss.f_to_kind(Kind::Double)?)?;
-            }
-            Ok(sum.f_double_value(&[])?)
-        })?;
-        let tokens = (windows.len() * context) as u64;
-        Ok(EvalOutput {
-            loss: sum / tokens as f64,
-            tokens,
-        })
+        evaluate_windows(&self.model, &windows, self.config.micro_batch_size as usize)
     }
 
     /// Loads `params` and evaluates them on `eval_shards`.
@@ -314,96 +288,66 @@ impl Trainer {
     }
 }
 
-enum Command {
-    Train {
-        params: Vec<f32>,
-        shards: Vec<PathBuf>,
-        eval_shards: Vec<PathBuf>,
-        reply: oneshot::Sender<Result<TrainOutput, TrainerError>>,
-    },
-    Eval {
-        params: Vec<f32>,
-        eval_shards: Vec<PathBuf>,
-        reply: oneshot::Sender<Result<EvalOutput, TrainerError>>,
-    },
+/// `[m, T]` inputs and targets on `device` from `m` windows of `context + 1` tokens.
+pub(crate) fn batch_tensors(
+    windows: &[&[u32]],
+    context: usize,
+    device: Device,
+) -> Result<(Tensor, Tensor), TrainerError> {
+    let t = context as i64;
+    let flat: Vec<i64> = windows
+        .iter()
+        .flat_map(|w| w.iter().map(|&x| i64::from(x)))
+        .collect();
+    let all = Tensor::f_from_slice(&flat)?
+        .f_view([windows.len() as i64, t + 1])?
+        .f_to_device(device)?;
+    let inputs = all.f_narrow(1, 0, t)?.f_contiguous()?;
+    let targets = all.f_narrow(1, 1, t)?.f_contiguous()?;
+    Ok((inputs, targets))
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_string())
-}
-
-fn serve(mut trainer: Trainer, commands: mpsc::Receiver<Command>) {
-    while let Ok(command) = commands.recv() {
-        match command {
-            Command::Train {
-                params,
-                shards,
-                eval_shards,
-                reply,
-            } => {
-                let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    trainer.train(params, &shards, &eval_shards)
-                }))
-                .unwrap_or_else(|p| Err(TrainerError::Panicked(panic_message(p.as_ref()))));
-                if reply.send(result).is_err() {
-                    warn!("train result dropped: the requester went away");
-                }
-            }
-            Command::Eval {
-                params,
-                eval_shards,
-                reply,
-            } => {
-                let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    trainer.eval(&params, &eval_shards)
-                }))
-                .unwrap_or_else(|p| Err(TrainerError::Panicked(panic_message(p.as_ref()))));
-                if reply.send(result).is_err() {
-                    warn!("eval result dropped: the requester went away");
-                }
-            }
+/// Token-weighted mean loss of `model` over `windows` (at least one), in micro-batches of
+/// `micro_batch_size`, without gradients.
+pub(crate) fn evaluate_windows(
+    model: &Gpt,
+    windows: &[&[u32]],
+    micro_batch_size: usize,
+) -> Result<EvalOutput, TrainerError> {
+    let context = model.config().context_length as usize;
+    let device = model.device();
+    let sum = tch::no_grad(|| -> Result<f64, TrainerError> {
+        // Accumulated on the device: one synchronisation at the end.
+        let mut sum = Tensor::f_zeros([], (Kind::Double, device))?;
+        for micro in windows.chunks(micro_batch_size.max(1)) {
+            let (inputs, targets) = batch_tensors(micro, context, device)?;
+            let loss = model.loss_sum(&inputs, &targets, false)?;
+            sum = sum.f_add(&loss.f_to_kind(Kind::Double)?)?;
         }
-    }
-    debug!("training thread stopping");
+        Ok(sum.f_double_value(&[])?)
+    })?;
+    let tokens = (windows.len() * context) as u64;
+    Ok(EvalOutput {
+        loss: sum / tokens as f64,
+        tokens,
+    })
 }
 
 /// The async side's handle to the training thread. Dropping it stops the thread
 /// once any command in flight has finished.
 #[derive(Debug)]
 pub struct TrainerHandle {
-    commands: mpsc::Sender<Command>,
+    thread: TensorThread<Trainer>,
     config: TrainerConfig,
 }
 
 impl TrainerHandle {
     /// Starts the training thread and waits until the model and optimizer are built.
     pub async fn spawn(config: TrainerConfig) -> Result<TrainerHandle, TrainerError> {
-        let (commands, receiver) = mpsc::channel();
-        let (ready_tx, ready_rx) = oneshot::channel();
         let thread_config = config.clone();
-        std::thread::Builder::new()
-            .name("cohort-trainer".into())
-            .spawn(move || {
-                let built = std::panic::catch_unwind(|| Trainer::new(thread_config))
-                    .unwrap_or_else(|p| Err(TrainerError::Panicked(panic_message(p.as_ref()))));
-                match built {
-                    Ok(trainer) => {
-                        if ready_tx.send(Ok(())).is_ok() {
-                            serve(trainer, receiver);
-                        }
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                }
-            })
-            .map_err(|e| TrainerError::Config(format!("cannot start the training thread: {e}")))?;
-        ready_rx.await.map_err(|_| TrainerError::Stopped)??;
-        Ok(TrainerHandle { commands, config })
+        let thread =
+            TensorThread::spawn("cohort-trainer", move || Trainer::new(thread_config)).await?;
+        Ok(TrainerHandle { thread, config })
     }
 
     pub fn config(&self) -> &TrainerConfig {
@@ -417,16 +361,9 @@ impl TrainerHandle {
         shards: Vec<PathBuf>,
         eval_shards: Vec<PathBuf>,
     ) -> Result<TrainOutput, TrainerError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Train {
-                params,
-                shards,
-                eval_shards,
-                reply,
-            })
-            .map_err(|_| TrainerError::Stopped)?;
-        rx.await.map_err(|_| TrainerError::Stopped)?
+        self.thread
+            .run(move |t| t.train(params, &shards, &eval_shards))
+            .await?
     }
 
     /// See [`Trainer::eval`].
@@ -435,15 +372,9 @@ impl TrainerHandle {
         params: Vec<f32>,
         eval_shards: Vec<PathBuf>,
     ) -> Result<EvalOutput, TrainerError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Eval {
-                params,
-                eval_shards,
-                reply,
-            })
-            .map_err(|_| TrainerError::Stopped)?;
-        rx.await.map_err(|_| TrainerError::Stopped)?
+        self.thread
+            .run(move |t| t.eval(&params, &eval_shards))
+            .await?
     }
 }
 
