@@ -4,6 +4,8 @@
 //! Modules:
 //! - [`config`]: the job file and its validation into a [`config::JobPlan`].
 //! - [`data`]: `prepare` (text to token shards) and the data manifest.
+//! - [`federated_data`]: `prepare-federated`, Shakespeare split into client
+//!   sites by (play, role), with per-client splits, tokens and enrollment.
 //! - [`server`]: runs a job on a bound listener until it ends.
 //! - [`service`]: the tonic service, thin adapters over the engine.
 //! - [`actor`]: the single owner of the round engine, and its handle.
@@ -20,6 +22,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod convert;
 pub mod data;
+pub mod federated_data;
 pub mod planning;
 pub mod server;
 pub mod service;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cohort_coordinator::config::JobFile;
 use cohort_coordinator::data::{prepare, PrepareOptions, TokenizerKind};
+use cohort_coordinator::federated_data::{self, FederatedOptions};
 use cohort_coordinator::planning::{self, PrivacyQuestion};
 use cohort_coordinator::server;
 use tracing::{error, info};
@@ -78,6 +79,34 @@ enum Command {
         /// Every n-th shard is held out for evaluation.
         #[arg(long, default_value_t = 20)]
         val_every: usize,
+    },
+    /// Splits Shakespeare's plays into federated client sites, one per
+    /// (play, speaking role): per client `train.txt`, `test.txt` and a secret
+    /// `token` (mode 0600), plus `enrollment.toml` holding only token digests.
+    PrepareFederated {
+        /// The plays (`scripts/bootstrap.sh --corpus` puts them in
+        /// ~/.cache/cohort/corpus/shakespeare); a play's genre is its folder.
+        #[arg(long, env = "COHORT_FEDERATED_PLAYS")]
+        plays: PathBuf,
+        /// Output directory; must be empty or missing unless --force.
+        #[arg(long, env = "COHORT_FEDERATED_OUT")]
+        out: PathBuf,
+        /// Number of client sites to pick (spread over genres, then plays).
+        #[arg(long, env = "COHORT_FEDERATED_CLIENTS", default_value_t = federated_data::DEFAULT_CLIENTS)]
+        clients: usize,
+        /// Roles with fewer characters of dialogue are not clients.
+        #[arg(long, env = "COHORT_FEDERATED_MIN_CHARS", default_value_t = federated_data::DEFAULT_MIN_CHARS)]
+        min_chars: usize,
+        /// Share of each client's dialogue held out: its last speeches.
+        #[arg(long, env = "COHORT_FEDERATED_TEST_FRACTION", default_value_t = federated_data::DEFAULT_TEST_FRACTION)]
+        test_fraction: f64,
+        /// Seeds the order of genres and plays in the selection.
+        #[arg(long, env = "COHORT_FEDERATED_SEED", default_value_t = 0)]
+        seed: u64,
+        /// Replace a previous prepare-federated output in --out, tokens
+        /// included (deliberately a flag only, with no environment variable).
+        #[arg(long)]
+        force: bool,
     },
     /// Privacy planning without running anything: epsilon for a noise
     /// multiplier, or the smallest noise multiplier for a target epsilon.
@@ -231,6 +260,35 @@ fn main() -> ExitCode {
                     Ok(())
                 })
         }
+        Command::PrepareFederated {
+            plays,
+            out,
+            clients,
+            min_chars,
+            test_fraction,
+            seed,
+            force,
+        } => federated_data::prepare_federated(&FederatedOptions {
+            plays,
+            out: out.clone(),
+            clients,
+            min_chars,
+            test_fraction,
+            seed,
+            force,
+        })
+        .map_err(anyhow::Error::from)
+        .map(|report| {
+            print!("{}", federated_data::render_summary(&report));
+            info!(
+                out = %out.display(),
+                plays = report.plays,
+                candidates = report.candidates,
+                eligible = report.eligible,
+                clients = report.clients.len(),
+                "federated data prepared"
+            );
+        }),
         Command::Prepare {
             inputs,
             output,
