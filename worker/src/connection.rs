@@ -254,10 +254,10 @@ pub fn is_transient(status: &Status) -> bool {
 /// A call that failed for good (after retries where they apply).
 #[derive(Debug)]
 pub(crate) struct Failure {
-    op: &'static str,
-    status: Status,
+    pub(crate) op: &'static str,
+    pub(crate) status: Status,
     /// Set when retries were exhausted.
-    attempts: Option<u32>,
+    pub(crate) attempts: Option<u32>,
 }
 
 impl From<Failure> for ClientError {

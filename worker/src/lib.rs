@@ -20,6 +20,7 @@ pub mod client;
 pub mod connection;
 pub mod data;
 pub mod device;
+pub mod federated;
 pub mod job;
 pub mod lora;
 pub mod model;

@@ -1,4 +1,5 @@
-//! The `cohort-worker` binary: parses flags, installs logging and runs the pretraining worker loop.
+//! The `cohort-worker` binary: parses flags, installs logging and runs the pretraining worker
+//! loop (`pretrain`) or the federated client loop (`federated`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,11 +8,16 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use cohort_worker::client::{self, ClientConfig, RetryPolicy};
 use cohort_worker::device::{device_name, DeviceRequest};
+use cohort_worker::federated::{self, EnrollmentToken, FederatedConfig};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
-#[command(name = "cohort-worker", version, about = "Cohort's pretraining worker")]
+#[command(
+    name = "cohort-worker",
+    version,
+    about = "Cohort's worker: pretraining on leased shards, or a federated client site"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,6 +27,9 @@ struct Cli {
 enum Command {
     /// Join a coordinator and train on the shards it leases until the job is done.
     Pretrain(PretrainArgs),
+    /// Join a federated job with the site's enrollment token and fine-tune on the site's own
+    /// text (DIR/train.txt, DIR/test.txt); only the clipped (and noised) update is sent.
+    Federated(FederatedArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -47,6 +56,42 @@ struct PretrainArgs {
     /// (one directory per worker).
     #[arg(long, env = "COHORT_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Log line format; filter with RUST_LOG (default info).
+    #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Attempts per coordinator call before giving up on transient failures
+    /// (backoff 200 ms doubling to 5 s; the default waits about a minute).
+    #[arg(long, env = "COHORT_RETRY_ATTEMPTS", default_value_t = RetryPolicy::default().max_attempts)]
+    retry_attempts: u32,
+}
+
+#[derive(clap::Args, Debug)]
+struct FederatedArgs {
+    /// Coordinator address, e.g. http://127.0.0.1:50051.
+    #[arg(long, env = "COHORT_COORDINATOR")]
+    coordinator: String,
+    /// Directory holding the site's train.txt and test.txt (UTF-8); they never leave it.
+    #[arg(long, value_name = "DIR", env = "COHORT_DATA_DIR", alias = "data-dir")]
+    data: PathBuf,
+    /// The site's enrollment token (prefer --token-file or COHORT_TOKEN: command lines
+    /// are visible to other users).
+    #[arg(
+        long,
+        env = "COHORT_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file",
+        required_unless_present = "token_file"
+    )]
+    token: Option<String>,
+    /// A file holding the enrollment token (surrounding whitespace is ignored).
+    #[arg(long, value_name = "PATH", env = "COHORT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N. Asking for CUDA without CUDA is an error.
+    #[arg(long, env = "COHORT_DEVICE", default_value = "auto")]
+    device: DeviceRequest,
+    /// libtorch intra-op threads.
+    #[arg(long, env = "COHORT_THREADS", default_value_t = 1)]
+    threads: usize,
     /// Log line format; filter with RUST_LOG (default info).
     #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -112,10 +157,78 @@ async fn pretrain(args: PretrainArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The token from --token / COHORT_TOKEN or from --token-file.
+fn enrollment_token(args: &FederatedArgs) -> anyhow::Result<EnrollmentToken> {
+    match (&args.token, &args.token_file) {
+        (Some(token), None) => EnrollmentToken::new(token)
+            .context("the enrollment token (--token or COHORT_TOKEN) is empty"),
+        (None, Some(path)) => {
+            let raw = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --token-file {}", path.display()))?;
+            EnrollmentToken::new(&raw)
+                .with_context(|| format!("--token-file {} is empty", path.display()))
+        }
+        (Some(_), Some(_)) => bail!("give either --token or --token-file, not both"),
+        (None, None) => {
+            bail!("the site's enrollment token is required: --token, --token-file or COHORT_TOKEN")
+        }
+    }
+}
+
+async fn federated(args: FederatedArgs) -> anyhow::Result<()> {
+    let token = enrollment_token(&args)?;
+    let device = args
+        .device
+        .resolve()
+        .with_context(|| format!("cannot use --device {}", args.device))?;
+    if !args.data.is_dir() {
+        bail!("--data {} is not a directory", args.data.display());
+    }
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let config = FederatedConfig {
+        coordinator: args.coordinator.clone(),
+        data_dir: args.data,
+        token,
+        device,
+        threads: args.threads,
+        retry: RetryPolicy {
+            max_attempts: args.retry_attempts.max(1),
+            ..RetryPolicy::default()
+        },
+        hostname: client::hostname(),
+        device_memory_bytes: 0,
+    };
+    info!(
+        coordinator = %config.coordinator,
+        data = %config.data_dir.display(),
+        device = %device_name(device),
+        threads = config.threads,
+        version = env!("CARGO_PKG_VERSION"),
+        "federated client starting"
+    );
+    tokio::select! {
+        result = federated::run(config) => {
+            let summary = result.context("federated client stopped")?;
+            info!(rounds = summary.rounds_pushed, evals = summary.evals_reported, joins = summary.joins, reason = %summary.done_reason, "federated client finished");
+            Ok(())
+        }
+        signal = tokio::signal::ctrl_c() => {
+            signal.context("cannot listen for ctrl-c")?;
+            warn!("interrupted, stopping");
+            Ok(())
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Pretrain(args) = cli.command;
-    init_tracing(args.log_format);
+    let log_format = match &cli.command {
+        Command::Pretrain(args) => args.log_format,
+        Command::Federated(args) => args.log_format,
+    };
+    init_tracing(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -126,7 +239,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(pretrain(args)) {
+    let result = match cli.command {
+        Command::Pretrain(args) => runtime.block_on(pretrain(args)),
+        Command::Federated(args) => runtime.block_on(federated(args)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = format!("{e:#}"), "worker failed");
