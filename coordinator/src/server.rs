@@ -5,6 +5,11 @@
 //! checkpoint of the same job (name, model, tensors, training shards) the
 //! engine resumes from the newest intact one; a store of another job is
 //! refused.
+//!
+//! It also serves `grpc.health.v1.Health` for Kubernetes gRPC probes: the
+//! server ("") and `cohort.v1.Coordinator` report SERVING while the job runs
+//! and NOT_SERVING from the moment shutdown starts (or the job ends) until
+//! the process stops serving.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -16,6 +21,9 @@ use cohort_core::params::init_params;
 use cohort_proto::v1::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::server::NamedService;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::actor::{self, JobOutcome, SharedStore};
@@ -178,20 +186,33 @@ pub async fn run_with(
         actor::spawn(engine, plan.clone(), Some(SharedStore::new(store)), stop_rx);
     let service = CoordinatorService::new(handle, plan.clone());
 
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
+
     let (done_tx, mut done_rx) = watch::channel(false);
     let actor_task = tokio::spawn(async move {
         let outcome = actor_task.await;
         let _ = done_tx.send(true);
         outcome
     });
+    // Decide, tell, wait: on shutdown the health service says NOT_SERVING
+    // first, then the actor is told to checkpoint and stop, and the server
+    // keeps answering (health checks NOT_SERVING, coordinator calls
+    // UNAVAILABLE) until the actor is done; only then does it stop accepting.
     let server_stop = async move {
-        tokio::select! {
-            () = shutdown => {
-                info!("shutdown requested");
-                let _ = stop_tx.send(true);
-            }
-            _ = done_rx.wait_for(|done| *done) => {}
+        let shutdown_requested = tokio::select! {
+            () = shutdown => true,
+            _ = done_rx.wait_for(|done| *done) => false,
+        };
+        set_health(&health, ServingStatus::NotServing).await;
+        if shutdown_requested {
+            info!("shutdown requested");
+            let _ = stop_tx.send(true);
+            let _ = done_rx.wait_for(|done| *done).await;
         }
+        end_health_watches(health).await;
     };
     let address = listener
         .local_addr()
@@ -215,7 +236,29 @@ pub async fn run_with(
         .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
         .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
         .add_service(CoordinatorServer::new(service))
+        .add_service(health_service)
         .serve_with_incoming_shutdown(incoming, server_stop)
         .await?;
     Ok(actor_task.await??)
+}
+
+/// The service names the health service reports on: the whole server ("")
+/// and `cohort.v1.Coordinator`.
+const HEALTH_SERVICES: [&str; 2] = [
+    "",
+    <CoordinatorServer<CoordinatorService> as NamedService>::NAME,
+];
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for name in HEALTH_SERVICES {
+        health.set_service_status(name, status).await;
+    }
+}
+
+/// Ends open `Health/Watch` streams (they would otherwise hold the graceful
+/// shutdown open forever): a watcher sees its last status, then the end.
+async fn end_health_watches(mut health: HealthReporter) {
+    for name in HEALTH_SERVICES {
+        health.clear_service_status(name).await;
+    }
 }
