@@ -1,8 +1,11 @@
 //! Measures the throughput of `add_gaussian_noise` by vector size, thread
 //! count and granularity, and prints a Markdown table.
 //!
-//! `cargo run --release -p cohort-dp --bin noise-bench [-- --quick]`
-//! (`--quick` skips the 1M-element rows).
+//! `cargo run --release -p cohort-dp --bin noise-bench [-- OPTIONS]`
+//!
+//! Options (lists are comma-separated): `--sizes 10000,100000,1000000`,
+//! `--threads 1,2`, `--k -16,-30,-50` (the granularity exponents), and
+//! `--quick` for sizes 10000,100000 only.
 
 use std::time::Instant;
 
@@ -12,7 +15,26 @@ use cohort_dp::{add_gaussian_noise, NoiseError, NoiseOptions};
 /// clip norm of 0.01); the sampler's cost barely depends on it.
 const STDDEV: f64 = 0.01;
 
-const GRANULARITIES_LOG2: [i32; 3] = [-16, -30, -50];
+/// The value of `--name` in `args` parsed as a comma-separated list, or
+/// `default`.
+fn list_arg<T: std::str::FromStr + Clone>(args: &[String], name: &str, default: &[T]) -> Vec<T> {
+    let Some(position) = args.iter().position(|arg| arg == name) else {
+        return default.to_vec();
+    };
+    let Some(value) = args.get(position + 1) else {
+        eprintln!("{name} needs a comma-separated list");
+        std::process::exit(2);
+    };
+    value
+        .split(',')
+        .map(|item| {
+            item.trim().parse().unwrap_or_else(|_| {
+                eprintln!("{name}: cannot parse {item:?}");
+                std::process::exit(2);
+            })
+        })
+        .collect()
+}
 
 /// Deterministic inputs in [-1e-3, 1e-3], off the lattice, so that the
 /// rounding step does real work.
@@ -30,12 +52,15 @@ fn update(len: usize) -> Vec<f32> {
 }
 
 fn main() -> Result<(), NoiseError> {
-    let quick = std::env::args().any(|arg| arg == "--quick");
-    let sizes: &[usize] = if quick {
+    let args: Vec<String> = std::env::args().collect();
+    let default_sizes: &[usize] = if args.iter().any(|arg| arg == "--quick") {
         &[10_000, 100_000]
     } else {
         &[10_000, 100_000, 1_000_000]
     };
+    let sizes = list_arg(&args, "--sizes", default_sizes);
+    let thread_counts = list_arg(&args, "--threads", &[1usize, 2]);
+    let granularities_log2 = list_arg(&args, "--k", &[-16i32, -30, -50]);
     let cores = NoiseOptions::default().threads;
     println!("stddev {STDDEV}, {cores} cores available");
     println!();
@@ -46,9 +71,9 @@ fn main() -> Result<(), NoiseError> {
     let mut warm = update(4096);
     add_gaussian_noise(&mut warm, STDDEV, &NoiseOptions::default())?;
 
-    for &len in sizes {
-        for threads in [1, 2] {
-            for granularity_log2 in GRANULARITIES_LOG2 {
+    for &len in &sizes {
+        for &threads in &thread_counts {
+            for &granularity_log2 in &granularities_log2 {
                 let options = NoiseOptions {
                     threads,
                     granularity_log2,
