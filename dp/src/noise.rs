@@ -40,6 +40,11 @@
 //! Gaussian mechanism with noise multiplier `stddev / (Δ + r)` rather than
 //! `stddev / Δ` ([`NoiseReport::effective_noise_multiplier`]), and that
 //! smaller multiplier is what a privacy ledger should be charged with.
+//! (That `ρ` is the guarantee of one release, sampling rate 1, and is a
+//! theorem for the discrete Gaussian: Canonne, Kamath and Steinke 2020.
+//! Charging `cohort_core::privacy`'s Poisson-subsampled RDP with the same
+//! multiplier treats the discrete Gaussian like the continuous one, which
+//! this crate does not prove for sampling rates below 1.)
 //!
 //! With the default `k = -30`, `2^k ≈ 9.3e-10`: for a 1M-parameter update
 //! `r ≈ 9.3e-7`, for 100M parameters `r ≈ 9.3e-6`, i.e. at most about
