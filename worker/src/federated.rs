@@ -185,6 +185,7 @@ impl Site {
             privacy: PrivacyConfig {
                 clip_norm: job.clip_norm,
                 noise_stddev: job.noise_stddev,
+                noise_threads: self.config.threads,
             },
         };
         if self.trainer.as_ref().is_some_and(|t| t.config == wanted) {
@@ -305,7 +306,7 @@ impl Tasks for Site {
             update_norm = out.privacy.norm,
             clipped = out.privacy.clipped,
             clip_norm,
-            noise_stddev = out.privacy.noise_stddev,
+            noise_stddev = out.privacy.noise.as_ref().map_or(0.0, |n| n.stddev),
             sent_norm = out.privacy.sent_norm,
             loss = stats.mean_loss,
             eval_loss = stats.eval_loss,

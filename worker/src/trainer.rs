@@ -8,6 +8,7 @@ use tch::{Device, Kind, Tensor};
 use tracing::{debug, info};
 
 use crate::data::{self, DataError};
+use crate::federated::privatize::PrivatizeError;
 use crate::model::{Gpt, ModelError};
 use crate::optim::{InnerConfig, InnerOptimizer, OptimError};
 use crate::tensor_thread::{TensorThread, ThreadError};
@@ -50,6 +51,8 @@ pub enum TrainerError {
     NonFiniteLoss(f64),
     #[error(transparent)]
     LocalData(#[from] LocalDataError),
+    #[error(transparent)]
+    Privatize(#[from] PrivatizeError),
     #[error(transparent)]
     Thread(#[from] ThreadError),
 }

@@ -238,8 +238,7 @@ impl LocalTrainer {
         for (d, l) in delta.iter_mut().zip(&local) {
             *d -= l;
         }
-        let privacy = privatize(&mut delta, &self.config.privacy)
-            .map_err(|e| TrainerError::Config(e.to_string()))?;
+        let privacy = privatize(&mut delta, &self.config.privacy)?;
         let (lr, grad_norm) = last.map_or((0.0, 0.0), |i| (i.lr, i.grad_norm));
         Ok(RoundOutput {
             delta,
@@ -307,6 +306,7 @@ mod tests {
             privacy: PrivacyConfig {
                 clip_norm,
                 noise_stddev: 0.0,
+                noise_threads: 1,
             },
         }
     }
