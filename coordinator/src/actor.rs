@@ -18,8 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cohort_core::engine::{EngineSnapshot, Event, RoundEngine, RoundSummary};
-use cohort_core::ids::Version;
+use cohort_core::ids::{RoundId, Version};
 use cohort_core::params::ParamLayout;
+use cohort_core::privacy::SampledGaussianRound;
+use cohort_dp::{add_gaussian_noise, NoiseOptions};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
@@ -27,7 +29,7 @@ use tracing::{error, info, warn};
 
 use crate::checkpoint::{checkpoint_path, write_ledger, write_params};
 use crate::config::JobPlan;
-use crate::store::RunStore;
+use crate::store::{PrivacyCharge, RunStore};
 
 /// The run store, shared with the blocking tasks that write checkpoints.
 /// Checkpoints are numbered as they are taken; one older than the last
@@ -166,8 +168,26 @@ pub fn spawn(
                     }
                 }
             }
-            for event in engine.drain_events() {
-                records.on_event(&engine, event);
+            // Releasing a DP round produces more events (its commit, the
+            // next round's start), so drain until quiet.
+            loop {
+                let events = engine.drain_events();
+                if events.is_empty() {
+                    break;
+                }
+                for event in events {
+                    if let Event::ReleaseReady {
+                        round,
+                        shares,
+                        cost,
+                        epsilon_after,
+                    } = event
+                    {
+                        records.release(&mut engine, round, shares, cost, epsilon_after);
+                    } else {
+                        records.on_event(&engine, event);
+                    }
+                }
             }
             records.maybe_checkpoint_in_background(&engine);
             if engine.is_finished() {
@@ -349,6 +369,28 @@ impl RunRecords {
                     pushed, needed, returned_shards, "round aborted at its deadline"
                 )
             }
+            Event::ReleaseReady { .. } => unreachable!("handled by the actor loop"),
+            Event::BudgetExhausted {
+                epsilon_spent,
+                epsilon_if_next_round,
+                budget_epsilon,
+                delta,
+            } => {
+                warn!(
+                    epsilon_spent,
+                    epsilon_if_next_round,
+                    budget_epsilon,
+                    delta,
+                    "privacy budget reached: no further rounds"
+                );
+                self.append_metrics(json!({
+                    "budget_exhausted": true,
+                    "epsilon_spent": epsilon_spent,
+                    "epsilon_if_next_round": epsilon_if_next_round,
+                    "epsilon_budget": budget_epsilon,
+                    "delta": delta,
+                }));
+            }
             Event::EpochCompleted { epoch } => {
                 info!(epoch, "epoch complete: every training shard used once")
             }
@@ -393,8 +435,98 @@ impl RunRecords {
         }
     }
 
+    /// Charges a DP round to the durable privacy ledger, then releases it.
+    /// If the charge cannot be written the round is not released (it stays
+    /// pending and the job cannot go on: a privacy officer must be able to
+    /// trust that every released round is on disk).
+    fn release(
+        &mut self,
+        engine: &mut RoundEngine,
+        round: RoundId,
+        shares: usize,
+        cost: SampledGaussianRound,
+        epsilon_after: f64,
+    ) {
+        let charge = PrivacyCharge {
+            round: round.0,
+            shares,
+            cost,
+            epsilon_after,
+        };
+        let durable = match &self.store {
+            Some(store) => {
+                let mut shared = match store.lock() {
+                    Ok(guard) => guard,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                shared.store.charge_privacy(&charge)
+            }
+            None => {
+                warn!(
+                    round = round.0,
+                    "no run store: the privacy charge is kept in memory only"
+                );
+                Ok(())
+            }
+        };
+        if let Err(e) = durable {
+            error!(round = round.0, error = %e, "cannot write the privacy charge; the round is not released");
+            return;
+        }
+        let noise = NoiseOptions::default();
+        let released = engine.release(round, now(), |sum, stddev| {
+            add_gaussian_noise(sum, stddev, &noise)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = released {
+            error!(round = round.0, error = %e, "central noise failed; the round is aborted (its privacy charge stands)");
+        }
+    }
+
     fn on_commit(&mut self, s: &RoundSummary) {
         let bytes_moved = s.bytes_pulled + s.bytes_pushed;
+        if let Some(f) = &s.federated {
+            let remaining = f
+                .epsilon_budget
+                .zip(f.epsilon_spent)
+                .map(|(budget, spent)| budget - spent);
+            info!(
+                round = s.round.0,
+                version = s.new_version.0,
+                sampled = f.sampled,
+                participants = s.participants,
+                loss = format_args!("{:.4}", s.mean_loss),
+                eval_loss = s.eval_loss.map(|l| (l * 1e4).round() / 1e4),
+                mean_update_norm = format_args!("{:.4}", f.mean_update_norm),
+                noise_multiplier = f.noise_multiplier,
+                epsilon_spent = f.epsilon_spent.map(|e| (e * 1e4).round() / 1e4),
+                epsilon_remaining = remaining.map(|e| (e * 1e4).round() / 1e4),
+                delta = f.delta,
+                bytes_moved,
+                wall_s = format_args!("{:.2}", s.wall.as_secs_f64()),
+                "federated round committed"
+            );
+            self.append_metrics(json!({
+                "round": s.round.0,
+                "version": s.new_version.0,
+                "base_version": s.base_version.0,
+                "sampled": f.sampled,
+                "participants": s.participants,
+                "mean_loss": s.mean_loss,
+                "eval_loss": s.eval_loss,
+                "mean_update_norm": f.mean_update_norm,
+                "noise_multiplier": f.noise_multiplier,
+                "epsilon_spent": f.epsilon_spent,
+                "epsilon_remaining": remaining,
+                "delta": f.delta,
+                "tokens": s.tokens,
+                "bytes_pulled": s.bytes_pulled,
+                "bytes_pushed": s.bytes_pushed,
+                "wall_seconds": s.wall.as_secs_f64(),
+            }));
+            return;
+        }
         info!(
             round = s.round.0,
             version = s.new_version.0,

@@ -22,6 +22,13 @@ pub enum CheckpointError {
         what: &'static str,
         source: serde_json::Error,
     },
+    #[error("cannot read checkpoint {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("checkpoint {path}: {message}")]
+    Mismatch { path: PathBuf, message: String },
 }
 
 /// The file name of the checkpoint for `version`.
@@ -63,6 +70,46 @@ pub fn write_params(
     Ok(())
 }
 
+/// Reads the parameters named in `layout` from a safetensors checkpoint
+/// (f32, the same names and shapes; extra tensors, such as optimizer state,
+/// are ignored). Used to start fine-tuning from a pretrained model.
+pub fn read_params(path: &Path, layout: &ParamLayout) -> Result<Vec<f32>, CheckpointError> {
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mismatch = |message: String| CheckpointError::Mismatch {
+        path: path.to_owned(),
+        message,
+    };
+    let tensors = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| mismatch(format!("not a safetensors file: {e}")))?;
+    let mut params = vec![0f32; layout.total()];
+    for slot in layout.tensors() {
+        let view = tensors
+            .tensor(&slot.name)
+            .map_err(|_| mismatch(format!("has no tensor {}", slot.name)))?;
+        if view.dtype() != Dtype::F32 || view.shape() != slot.shape.as_slice() {
+            return Err(mismatch(format!(
+                "tensor {} is {:?} {:?}, the model needs F32 {:?}",
+                slot.name,
+                view.dtype(),
+                view.shape(),
+                slot.shape
+            )));
+        }
+        let values: Vec<f32> = bytemuck::pod_collect_to_vec(view.data());
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(mismatch(format!(
+                "tensor {} has a non-finite value at {i}",
+                slot.name
+            )));
+        }
+        params[slot.offset..slot.offset + slot.numel].copy_from_slice(&values);
+    }
+    Ok(params)
+}
+
 /// Writes the shard ledger: which shard each round consumed, per epoch.
 pub fn write_ledger(path: &Path, ledger: &[Consumption]) -> Result<(), CheckpointError> {
     let json = serde_json::to_vec_pretty(ledger).map_err(|source| CheckpointError::Json {
@@ -102,5 +149,22 @@ mod tests {
         }
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(meta.metadata().as_ref().unwrap()["version"], "3");
+        assert_eq!(read_params(&path, &layout).unwrap(), params);
+    }
+
+    #[test]
+    fn reading_a_checkpoint_of_another_model_names_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = ModelConfig::tiny_byte_level().tensor_specs();
+        let layout = ParamLayout::new(&specs);
+        let path = checkpoint_path(dir.path(), Version(1));
+        write_params(&path, &layout, &init_params(&specs, 1), HashMap::new()).unwrap();
+        let mut bigger = ModelConfig::tiny_byte_level();
+        bigger.d_model = 128;
+        let other = ParamLayout::new(&bigger.tensor_specs());
+        let err = read_params(&path, &other).unwrap_err().to_string();
+        assert!(err.contains("wte") && err.contains("128"), "{err}");
+        let missing = read_params(&dir.path().join("nope.safetensors"), &layout).unwrap_err();
+        assert!(matches!(missing, CheckpointError::Read { .. }));
     }
 }

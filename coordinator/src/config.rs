@@ -1,12 +1,17 @@
 //! The job file (TOML) and its validation into a [`JobPlan`], before any port is bound.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cohort_core::codec::DType;
 use cohort_core::engine::{EngineConfig, ShardInfo};
-use cohort_core::model::ModelConfig;
+use cohort_core::federated::{CohortSampling, DpMode, FederatedRules};
+use cohort_core::model::{ModelConfig, TensorSpec};
 use cohort_core::outer::OuterOptimizerConfig;
+use cohort_core::params::ParamLayout;
+use cohort_core::privacy::PrivacyBudget;
 use serde::Deserialize;
 
 use crate::data::{DataManifest, TokenizerKind};
@@ -17,7 +22,9 @@ use crate::data::{DataManifest, TokenizerKind};
 pub struct JobFile {
     pub name: String,
     /// Directory written by `cohort-coordinator prepare` (relative paths are
-    /// resolved against the job file's directory).
+    /// resolved against the job file's directory). Pretraining only: a
+    /// federated job's data stays with its clients.
+    #[serde(default)]
     pub data_dir: PathBuf,
     /// Where checkpoints, metrics and the shard ledger are written.
     pub run_dir: PathBuf,
@@ -27,10 +34,147 @@ pub struct JobFile {
     pub train: TrainSection,
     #[serde(default)]
     pub inner: InnerSection,
+    /// The outer (server) optimizer. Default: DiLoCo's Nesterov SGD for
+    /// pretraining, FedAvg (SGD with lr 1) for federated jobs.
     #[serde(default)]
-    pub outer: OuterOptimizerConfig,
+    pub outer: Option<OuterOptimizerConfig>,
     #[serde(default)]
     pub cluster: ClusterSection,
+    /// Present for federated fine-tuning.
+    #[serde(default)]
+    pub federated: Option<FederatedSection>,
+}
+
+/// `[federated]`: fine-tuning across client sites whose data never leaves them.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedSection {
+    /// The enrollment file written by `prepare-federated`: one
+    /// `[[client]]` with `name` and `token_sha256` per site.
+    pub enrollment: PathBuf,
+    /// Pretrained parameters to start from (a Cohort checkpoint); without
+    /// it the model starts from its random initialisation.
+    #[serde(default)]
+    pub base_checkpoint: Option<PathBuf>,
+    /// "lora" (adapters only travel) or "full".
+    #[serde(default = "default_trainable")]
+    pub trainable: TrainableKind,
+    #[serde(default = "default_lora_rank")]
+    pub lora_rank: u32,
+    #[serde(default = "default_lora_alpha")]
+    pub lora_alpha: f64,
+    /// How clients tokenize their text.
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: TokenizerKind,
+    /// Poisson sampling: each connected client joins a round with this
+    /// probability (what the privacy accountant assumes).
+    #[serde(default)]
+    pub sample_rate: Option<f64>,
+    /// Fixed-size cohorts instead (only without DP).
+    #[serde(default)]
+    pub cohort_size: Option<u32>,
+    #[serde(default)]
+    pub dp: DpSection,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainableKind {
+    Lora,
+    Full,
+}
+
+fn default_trainable() -> TrainableKind {
+    TrainableKind::Lora
+}
+fn default_lora_rank() -> u32 {
+    4
+}
+fn default_lora_alpha() -> f64 {
+    8.0
+}
+fn default_tokenizer() -> TokenizerKind {
+    TokenizerKind::Byte
+}
+
+/// `[federated.dp]`: clipping, noise and the budget.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpSection {
+    pub mode: DpMode,
+    /// L2 bound on each client's whole update (C); 0 disables clipping
+    /// (mode "none" only).
+    #[serde(default)]
+    pub clip_norm: f64,
+    /// σ: the released sum carries N(0, (σC)²) per coordinate.
+    #[serde(default)]
+    pub noise_multiplier: f64,
+    /// The budget: no round is started that could take ε above this at δ.
+    #[serde(default)]
+    pub epsilon: Option<f64>,
+    #[serde(default)]
+    pub delta: Option<f64>,
+}
+
+impl Default for DpSection {
+    fn default() -> Self {
+        DpSection {
+            mode: DpMode::Distributed,
+            clip_norm: 0.0,
+            noise_multiplier: 0.0,
+            epsilon: None,
+            delta: None,
+        }
+    }
+}
+
+/// One line of the enrollment file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrolledClient {
+    name: String,
+    token_sha256: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollmentFile {
+    #[serde(default)]
+    client: Vec<EnrolledClient>,
+}
+
+/// What a federated job trains.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Trainable {
+    Full,
+    Lora { rank: u32, alpha: f64 },
+}
+
+/// Parameters shared read-only by the engine's start and every base pull;
+/// `Debug` prints the size, not the values.
+#[derive(Clone)]
+pub struct SharedParams(pub Arc<Vec<f32>>);
+
+impl std::fmt::Debug for SharedParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedParams({} values)", self.0.len())
+    }
+}
+
+/// The validated federated part of a job.
+#[derive(Clone, Debug)]
+pub struct FederatedPlan {
+    pub trainable: Trainable,
+    /// SHA-256 (lowercase hex) of each enrolled token → the client's name.
+    pub clients: BTreeMap<String, String>,
+    /// The frozen model under LoRA adapters (empty for full fine-tuning).
+    pub base_tensors: Vec<TensorSpec>,
+    pub base_params: Option<SharedParams>,
+    /// The parameters the engine starts from when a base checkpoint is given
+    /// and the whole model is trained.
+    pub initial_params: Option<SharedParams>,
+    /// Per-coordinate noise each client adds before sending.
+    pub client_noise_stddev: f64,
 }
 
 fn default_seed() -> u64 {
@@ -211,6 +355,7 @@ pub struct JobPlan {
     pub engine: EngineConfig,
     pub train_shards: Vec<ShardInfo>,
     pub eval_shards: Vec<ShardInfo>,
+    pub federated: Option<FederatedPlan>,
 }
 
 /// Removes `.` and `name/..` pairs without touching the filesystem, so logs
@@ -250,8 +395,18 @@ impl JobFile {
             message: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        if job.data_dir.is_relative() {
+        if job.data_dir.is_relative() && !job.data_dir.as_os_str().is_empty() {
             job.data_dir = normalize(&base.join(&job.data_dir));
+        }
+        if let Some(f) = &mut job.federated {
+            if f.enrollment.is_relative() {
+                f.enrollment = normalize(&base.join(&f.enrollment));
+            }
+            if let Some(path) = &mut f.base_checkpoint {
+                if path.is_relative() {
+                    *path = normalize(&base.join(&*path));
+                }
+            }
         }
         if job.run_dir.is_relative() {
             job.run_dir = normalize(&base.join(&job.run_dir));
@@ -326,7 +481,11 @@ impl JobFile {
                 format!("must be non-negative (0 disables), got {}", i.grad_clip),
             ));
         }
-        self.outer
+        let outer = self.outer.unwrap_or(match self.federated {
+            Some(_) => OuterOptimizerConfig::Sgd { lr: 1.0 },
+            None => OuterOptimizerConfig::default(),
+        });
+        outer
             .validate()
             .map_err(|e| invalid("outer", e.to_string()))?;
         let c = &self.cluster;
@@ -379,6 +538,17 @@ impl JobFile {
             ));
         }
 
+        if let Some(section) = &self.federated {
+            return self
+                .clone()
+                .validate_federated(section.clone(), model, outer);
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "data_dir",
+                "is required for pretraining (the directory `cohort-coordinator prepare` wrote)",
+            ));
+        }
         let manifest = DataManifest::load(&self.data_dir).map_err(|source| ConfigError::Data {
             path: self.data_dir.clone(),
             source,
@@ -420,7 +590,7 @@ impl JobFile {
             max_rounds: t.rounds,
             max_epochs: t.epochs,
             eval_every: t.eval_every,
-            outer: self.outer,
+            outer,
             max_chunk_elems: c.max_chunk_bytes as usize / update_dtype.size_bytes(),
             seed: self.seed,
             federated: None,
@@ -441,8 +611,218 @@ impl JobFile {
             engine,
             train_shards,
             eval_shards,
+            federated: None,
         })
     }
+
+    /// The federated half of [`Self::validate`]: enrollment, base model,
+    /// trainable tensors, sampling and DP.
+    fn validate_federated(
+        self,
+        section: FederatedSection,
+        model: ModelConfig,
+        outer: OuterOptimizerConfig,
+    ) -> Result<JobPlan, ConfigError> {
+        let t = &self.train;
+        let c = &self.cluster;
+        if t.epochs != 0 || t.rounds == 0 {
+            return Err(invalid(
+                "train.rounds",
+                "a federated job runs train.rounds rounds (> 0); train.epochs does not apply",
+            ));
+        }
+        if section.tokenizer.vocab_size() > model.vocab_size {
+            return Err(invalid(
+                "model.vocab_size",
+                format!(
+                    "{} is smaller than the {:?} tokenizer's vocabulary ({})",
+                    model.vocab_size,
+                    section.tokenizer,
+                    section.tokenizer.vocab_size()
+                ),
+            ));
+        }
+        let clients = load_enrollment(&section.enrollment)?;
+        let sampling = match (section.sample_rate, section.cohort_size) {
+            (Some(rate), None) => CohortSampling::Poisson { rate },
+            (None, Some(size)) => CohortSampling::Fixed {
+                size: size as usize,
+            },
+            _ => {
+                return Err(invalid(
+                    "federated.sample_rate",
+                    "set exactly one of federated.sample_rate (Poisson, q in (0, 1]) and federated.cohort_size",
+                ))
+            }
+        };
+        let dp = &section.dp;
+        let budget = match (dp.epsilon, dp.delta) {
+            (Some(epsilon), Some(delta)) => {
+                let budget = PrivacyBudget { epsilon, delta };
+                budget
+                    .validate()
+                    .map_err(|e| invalid("federated.dp.epsilon", e.to_string()))?;
+                Some(budget)
+            }
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "federated.dp.epsilon",
+                    "set both federated.dp.epsilon and federated.dp.delta, or neither",
+                ))
+            }
+        };
+        let rules = FederatedRules {
+            sampling,
+            enrolled_clients: clients.len(),
+            clip_norm: dp.clip_norm,
+            dp_mode: dp.mode,
+            noise_multiplier: dp.noise_multiplier,
+            budget,
+            // The cohort draws must not be predictable from the job file.
+            sampling_seed: secret_seed()?,
+        };
+        rules
+            .validate(c.min_participants as usize)
+            .map_err(|e| invalid("federated", e.to_string()))?;
+        let trainable = match section.trainable {
+            TrainableKind::Full => Trainable::Full,
+            TrainableKind::Lora => {
+                if section.lora_rank == 0 || section.lora_rank > model.d_model {
+                    return Err(invalid(
+                        "federated.lora_rank",
+                        format!(
+                            "must be in 1..={} (d_model), got {}",
+                            model.d_model, section.lora_rank
+                        ),
+                    ));
+                }
+                if !(section.lora_alpha.is_finite() && section.lora_alpha > 0.0) {
+                    return Err(invalid(
+                        "federated.lora_alpha",
+                        format!("must be positive, got {}", section.lora_alpha),
+                    ));
+                }
+                Trainable::Lora {
+                    rank: section.lora_rank,
+                    alpha: section.lora_alpha,
+                }
+            }
+        };
+        let model_tensors = model.tensor_specs();
+        let base = match &section.base_checkpoint {
+            Some(path) => Some(SharedParams(Arc::new(
+                crate::checkpoint::read_params(path, &ParamLayout::new(&model_tensors))
+                    .map_err(|e| invalid("federated.base_checkpoint", e.to_string()))?,
+            ))),
+            None => None,
+        };
+        let (tensors, base_tensors, base_params, initial_params) = match trainable {
+            Trainable::Full => (model_tensors, Vec::new(), None, base),
+            Trainable::Lora { rank, .. } => {
+                let base = base.unwrap_or_else(|| {
+                    SharedParams(Arc::new(cohort_core::params::init_params(
+                        &model_tensors,
+                        self.seed,
+                    )))
+                });
+                (model.lora_specs(rank), model_tensors, Some(base), None)
+            }
+        };
+        let update_dtype = t.update_dtype;
+        let client_noise_stddev = rules.client_noise_stddev(c.min_participants as usize);
+        let engine = EngineConfig {
+            tensors,
+            update_dtype,
+            lease: Duration::from_millis(c.lease_ms),
+            round_deadline: Duration::from_millis(c.round_deadline_ms),
+            min_workers: c.min_workers as usize,
+            min_participants: c.min_participants as usize,
+            max_workers_per_round: 0,
+            shards_per_worker: 1,
+            max_rounds: t.rounds,
+            max_epochs: 0,
+            eval_every: 0,
+            outer,
+            max_chunk_elems: c.max_chunk_bytes as usize / update_dtype.size_bytes(),
+            seed: self.seed,
+            federated: Some(rules),
+        };
+        Ok(JobPlan {
+            name: self.name,
+            data_dir: self.data_dir,
+            run_dir: self.run_dir,
+            model,
+            tokenizer: section.tokenizer,
+            inner: self.inner,
+            inner_steps: t.inner_steps,
+            micro_batch_size: t.micro_batch_size,
+            heartbeat_interval: Duration::from_millis(c.heartbeat_ms),
+            chunk_timeout: Duration::from_millis(c.chunk_timeout_ms),
+            max_chunk_bytes: c.max_chunk_bytes,
+            checkpoint_every: t.checkpoint_every,
+            engine,
+            train_shards: Vec::new(),
+            eval_shards: Vec::new(),
+            federated: Some(FederatedPlan {
+                trainable,
+                clients,
+                base_tensors,
+                base_params,
+                initial_params,
+                client_noise_stddev,
+            }),
+        })
+    }
+}
+
+/// 64 bits from the operating system's CSPRNG.
+fn secret_seed() -> Result<u64, ConfigError> {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| invalid("federated", format!("cannot read /dev/urandom: {e}")))?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
+/// Reads the enrollment file: token SHA-256 → client name, both unique.
+fn load_enrollment(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
+    let field = "federated.enrollment";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
+    let file: EnrollmentFile =
+        toml::from_str(&text).map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
+    if file.client.is_empty() {
+        return Err(invalid(
+            field,
+            format!("{} enrolls no clients", path.display()),
+        ));
+    }
+    let mut clients = BTreeMap::new();
+    let mut names = std::collections::BTreeSet::new();
+    for client in file.client {
+        let hash = client.token_sha256.to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid(
+                field,
+                format!("client {}: token_sha256 must be 64 hex digits", client.name),
+            ));
+        }
+        if client.name.is_empty() || !names.insert(client.name.clone()) {
+            return Err(invalid(
+                field,
+                format!("client name {:?} is empty or enrolled twice", client.name),
+            ));
+        }
+        if clients.insert(hash, client.name.clone()).is_some() {
+            return Err(invalid(
+                field,
+                format!("client {}: the same token is enrolled twice", client.name),
+            ));
+        }
+    }
+    Ok(clients)
 }
 
 #[cfg(test)]

@@ -7,8 +7,10 @@ use cohort_core::ids::{RoundId, Version, WorkerId};
 use cohort_proto::v1 as pb;
 use tonic::{Code, Status};
 
-use crate::config::{InnerKind, JobPlan};
+use crate::config::{FederatedPlan, InnerKind, JobPlan, Trainable};
 use crate::data::TokenizerKind;
+use cohort_core::federated::DpMode;
+use cohort_core::model::TensorSpec;
 
 /// Maps each domain error to its gRPC status. Workers treat NOT_FOUND as
 /// "join again", FAILED_PRECONDITION as "ask for the next task",
@@ -22,6 +24,7 @@ pub fn status_from_engine(error: &EngineError) -> Status {
         | EngineError::AlreadyPushed { .. }
         | EngineError::NoOpenPush(_)
         | EngineError::UnexpectedEval { .. }
+        | EngineError::NoPendingRelease(_)
         | EngineError::JobFinished => Code::FailedPrecondition,
         EngineError::PushInProgress => Code::Unavailable,
         EngineError::StreamFailed(_) => Code::Aborted,
@@ -32,6 +35,7 @@ pub fn status_from_engine(error: &EngineError) -> Status {
         | EngineError::ChunkTooLarge { .. }
         | EngineError::EmptyChunk
         | EngineError::IncompletePush { .. }
+        | EngineError::UpdateNormTooLarge { .. }
         | EngineError::InvalidStats(_) => Code::InvalidArgument,
     };
     Status::new(code, error.to_string())
@@ -138,7 +142,10 @@ pub fn job_spec_to_proto(plan: &JobPlan) -> pb::JobSpec {
     let m = &plan.model;
     let i = &plan.inner;
     pb::JobSpec {
-        federated: None,
+        federated: plan
+            .federated
+            .as_ref()
+            .map(|f| federated_spec_to_proto(plan, f)),
         job_name: plan.name.clone(),
         model: Some(pb::ModelConfig {
             vocab_size: m.vocab_size,
@@ -179,5 +186,43 @@ pub fn job_spec_to_proto(plan: &JobPlan) -> pb::JobSpec {
         } as i32,
         max_chunk_bytes: plan.max_chunk_bytes,
         seed: plan.engine.seed,
+    }
+}
+
+fn tensor_specs_to_proto(tensors: &[TensorSpec]) -> Vec<pb::TensorSpec> {
+    tensors
+        .iter()
+        .map(|t| pb::TensorSpec {
+            name: t.name.clone(),
+            shape: t.shape.iter().map(|&d| d as u64).collect(),
+        })
+        .collect()
+}
+
+fn federated_spec_to_proto(plan: &JobPlan, f: &FederatedPlan) -> pb::FederatedSpec {
+    let rules = plan
+        .engine
+        .federated
+        .as_ref()
+        .expect("a federated plan has federated rules");
+    let (trainable, lora) = match f.trainable {
+        Trainable::Full => (pb::Trainable::Full, None),
+        Trainable::Lora { rank, alpha } => {
+            (pb::Trainable::Lora, Some(pb::LoraSpec { rank, alpha }))
+        }
+    };
+    pb::FederatedSpec {
+        trainable: trainable as i32,
+        lora,
+        local_steps: plan.inner_steps,
+        clip_norm: rules.clip_norm,
+        dp_mode: match rules.dp_mode {
+            DpMode::None => pb::DpMode::None,
+            DpMode::Distributed => pb::DpMode::Distributed,
+            DpMode::Local => pb::DpMode::Local,
+            DpMode::Central => pb::DpMode::Central,
+        } as i32,
+        client_noise_stddev: f.client_noise_stddev,
+        base_tensors: tensor_specs_to_proto(&f.base_tensors),
     }
 }

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use cohort_core::engine::{RestoreError, RoundEngine};
 use cohort_core::params::init_params;
+use cohort_core::privacy::PrivacyLedger;
 use cohort_proto::v1::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -68,12 +69,35 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error("cannot resume from {file}: {source}")]
     Restore { file: PathBuf, source: RestoreError },
+    #[error("the privacy ledger in the run store is invalid: {0}")]
+    PrivacyLedger(String),
     #[error("{store} lists {checkpoints} checkpoints but none is intact ({skipped}); refusing to start over and lose committed rounds")]
     NoIntactCheckpoint {
         store: PathBuf,
         checkpoints: usize,
         skipped: String,
     },
+}
+
+/// The privacy ledger replayed from the store's charges; `None` when the
+/// store has none.
+fn privacy_ledger(store: &RunStore) -> Result<Option<PrivacyLedger>, ServeError> {
+    let charges = store.privacy_charges()?;
+    if charges.is_empty() {
+        return Ok(None);
+    }
+    let mut ledger = PrivacyLedger::default();
+    for charge in &charges {
+        ledger
+            .charge(&charge.cost)
+            .map_err(|e| ServeError::PrivacyLedger(format!("round {}: {e}", charge.round)))?;
+    }
+    info!(
+        rounds = ledger.rounds(),
+        last_epsilon = charges.last().map(|c| c.epsilon_after),
+        "privacy ledger restored"
+    );
+    Ok(Some(ledger))
 }
 
 /// Opens the run store and builds the engine: resumed from the newest intact
@@ -90,14 +114,27 @@ fn open_engine(plan: &JobPlan, mode: StartMode) -> Result<(RoundEngine, RunStore
         .into());
     }
     store.claim(&JobIdentity::of(plan))?;
+    // The durable privacy ledger, whatever the checkpoints say: spent privacy
+    // never goes down, even for rounds charged after the last checkpoint.
+    let privacy = privacy_ledger(&store)?;
     if checkpoints.is_empty() {
-        let params = init_params(&plan.engine.tensors, plan.engine.seed);
-        let engine = RoundEngine::new(
+        let params = match plan
+            .federated
+            .as_ref()
+            .and_then(|f| f.initial_params.as_ref())
+        {
+            Some(base) => base.0.as_ref().clone(),
+            None => init_params(&plan.engine.tensors, plan.engine.seed),
+        };
+        let mut engine = RoundEngine::new(
             plan.engine.clone(),
             plan.train_shards.clone(),
             plan.eval_shards.clone(),
             params,
         )?;
+        if let Some(ledger) = privacy {
+            engine.restore_privacy_ledger(ledger);
+        }
         return Ok((engine, store));
     }
     let layout = cohort_core::params::ParamLayout::new(&plan.engine.tensors);
@@ -112,7 +149,7 @@ fn open_engine(plan: &JobPlan, mode: StartMode) -> Result<(RoundEngine, RunStore
                 .join(", "),
         });
     };
-    let engine = RoundEngine::restore(
+    let mut engine = RoundEngine::restore(
         plan.engine.clone(),
         plan.train_shards.clone(),
         plan.eval_shards.clone(),
@@ -124,6 +161,9 @@ fn open_engine(plan: &JobPlan, mode: StartMode) -> Result<(RoundEngine, RunStore
         file: loaded.path.clone(),
         source,
     })?;
+    if let Some(ledger) = privacy {
+        engine.restore_privacy_ledger(ledger);
+    }
     let epoch = engine.ledger().last().map_or(0, |c| c.epoch);
     info!(
         checkpoint = %loaded.path.display(),

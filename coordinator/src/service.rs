@@ -33,6 +33,8 @@ pub struct CoordinatorService {
     /// client's receive window of encoded chunks in the coordinator; without a
     /// bound, 200 simultaneous pulls held O(workers x parameters).
     pull_permits: Arc<Semaphore>,
+    /// The frozen base model of a LoRA job, with its layout.
+    base: Option<(Arc<ParamLayout>, Arc<Vec<f32>>)>,
 }
 
 /// How many pulls stream at the same time; the others wait their turn.
@@ -40,6 +42,14 @@ pub const CONCURRENT_PULLS: usize = 4;
 
 impl CoordinatorService {
     pub fn new(engine: EngineHandle, plan: Arc<JobPlan>) -> CoordinatorService {
+        let base = plan.federated.as_ref().and_then(|f| {
+            f.base_params.as_ref().map(|params| {
+                (
+                    Arc::new(ParamLayout::new(&f.base_tensors)),
+                    Arc::clone(&params.0),
+                )
+            })
+        });
         CoordinatorService {
             job_spec: job_spec_to_proto(&plan),
             layout: Arc::new(ParamLayout::new(&plan.engine.tensors)),
@@ -47,6 +57,7 @@ impl CoordinatorService {
             plan,
             fold_permit: Arc::new(Semaphore::new(1)),
             pull_permits: Arc::new(Semaphore::new(CONCURRENT_PULLS)),
+            base,
         }
     }
 
@@ -64,6 +75,67 @@ impl CoordinatorService {
             .call(f)
             .await?
             .map_err(|e| status_from_engine(&e))
+    }
+
+    /// Checks that a joining process may take part: pretraining workers in a
+    /// pretraining job; in a federated job only clients with an enrolled
+    /// token, whose identity (the enrolled name) is returned.
+    fn admit(&self, role: i32, token: &str) -> Result<Option<String>, Status> {
+        let federated_role = role == pb::Role::Federated as i32;
+        let Some(federated) = &self.plan.federated else {
+            if federated_role {
+                return Err(Status::permission_denied(
+                    "this coordinator runs a pretraining job; federated clients cannot join it",
+                ));
+            }
+            return Ok(None);
+        };
+        if !federated_role {
+            return Err(Status::permission_denied(
+                "this coordinator runs a federated job: join as a federated client (cohort-worker federated) with an enrollment token",
+            ));
+        }
+        if token.is_empty() {
+            return Err(Status::unauthenticated(
+                "a federated client must present its enrollment token",
+            ));
+        }
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(token.trim().as_bytes());
+        let hash: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        match federated.clients.get(&hash) {
+            Some(name) => Ok(Some(name.clone())),
+            None => {
+                warn!("join refused: unknown enrollment token");
+                Err(Status::unauthenticated("unknown enrollment token"))
+            }
+        }
+    }
+
+    /// Streams the frozen base model under a federated job's LoRA adapters.
+    async fn pull_base(&self, worker: WorkerId) -> Result<Response<PullStream>, Status> {
+        let Some((layout, params)) = &self.base else {
+            return Err(Status::failed_precondition(
+                "this job has no frozen base model (it trains every parameter)",
+            ));
+        };
+        // Only members may pull, and pulling renews the lease.
+        self.engine_call(move |engine, now| engine.heartbeat(worker, now))
+            .await?;
+        let permit = Arc::clone(&self.pull_permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+        let chunks = param_chunks(
+            layout,
+            Arc::clone(params),
+            Version(0),
+            self.plan.max_chunk_bytes as usize,
+        );
+        Ok(Response::new(Box::pin(chunks.map(move |chunk| {
+            let _streaming = &permit;
+            chunk
+        }))))
     }
 
     async fn abort_push(&self, worker: WorkerId, reason: EngineError) {
@@ -181,7 +253,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
-        let info = worker_info_from_proto(request.into_inner().info)?;
+        let request = request.into_inner();
+        let role = request.info.as_ref().map_or(0, |i| i.role);
+        let mut info = worker_info_from_proto(request.info)?;
+        info.client = self.admit(role, &request.token)?;
         let (worker, lease) = self
             .engine
             .call(move |engine, now| engine.join(info, now))
@@ -234,6 +309,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let version = Version(request.version);
         tracing::Span::current().record("worker", tracing::field::display(worker));
         tracing::Span::current().record("version", version.0);
+        if request.base {
+            return self.pull_base(worker).await;
+        }
         let params = self
             .engine_call(move |engine, now| engine.pull(worker, version, now))
             .await?;

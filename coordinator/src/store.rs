@@ -49,7 +49,29 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     sha256 TEXT NOT NULL,
     snapshot TEXT NOT NULL
 );
+-- The privacy ledger: one row per federated round charged, written (and
+-- fsynced) before the round's aggregate is released. Append-only: spent
+-- privacy never goes down, even for a round that was charged and then lost.
+CREATE TABLE IF NOT EXISTS privacy_charges (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    round INTEGER NOT NULL,
+    shares INTEGER NOT NULL,
+    sampling_rate REAL NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    epsilon_after REAL NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
 ";
+
+/// One row of the privacy ledger.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrivacyCharge {
+    pub round: u64,
+    pub shares: usize,
+    pub cost: cohort_core::privacy::SampledGaussianRound,
+    /// Epsilon spent once this round was charged (at the job's delta).
+    pub epsilon_after: f64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -236,6 +258,52 @@ impl RunStore {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Appends a privacy charge in its own transaction; when this returns Ok
+    /// the row is on disk (WAL, `synchronous = FULL`).
+    pub fn charge_privacy(&mut self, charge: &PrivacyCharge) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        self.conn
+            .execute(
+                "INSERT INTO privacy_charges (round, shares, sampling_rate, noise_multiplier, epsilon_after, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    charge.round as i64,
+                    charge.shares as i64,
+                    charge.cost.sampling_rate,
+                    charge.cost.noise_multiplier,
+                    charge.epsilon_after,
+                    now_ms() as i64,
+                ],
+            )
+            .map_err(|source| StoreError::Sql { path, source })?;
+        Ok(())
+    }
+
+    /// Every privacy charge, oldest first.
+    pub fn privacy_charges(&self) -> Result<Vec<PrivacyCharge>, StoreError> {
+        let sql = |source| StoreError::Sql {
+            path: self.path.clone(),
+            source,
+        };
+        let mut statement = self
+            .conn
+            .prepare("SELECT round, shares, sampling_rate, noise_multiplier, epsilon_after FROM privacy_charges ORDER BY id")
+            .map_err(sql)?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok(PrivacyCharge {
+                    round: row.get::<_, i64>(0)? as u64,
+                    shares: row.get::<_, i64>(1)? as usize,
+                    cost: cohort_core::privacy::SampledGaussianRound {
+                        sampling_rate: row.get(2)?,
+                        noise_multiplier: row.get(3)?,
+                    },
+                    epsilon_after: row.get(4)?,
+                })
+            })
+            .map_err(sql)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(sql)
     }
 
     fn sql(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
