@@ -72,6 +72,8 @@ pub struct FederatedConfig {
 
 /// Connects (lazily) and runs the client until the coordinator says the job is done.
 pub async fn run(config: FederatedConfig) -> Result<RunSummary, ClientError> {
+    crate::text::preflight(&config.data_dir)
+        .map_err(|e| ClientError::Trainer(TrainerError::LocalData(e)))?;
     let connection = Connection::new(&config.coordinator, config.retry)?;
     let mut site = Site {
         config,

@@ -134,6 +134,25 @@ impl LocalText {
     }
 }
 
+/// Checks, before joining, that `dir` holds a non-empty `train.txt` and `test.txt`
+/// (tokenizing needs the job, so the window check comes later).
+pub fn preflight(dir: &Path) -> Result<(), LocalDataError> {
+    if !dir.is_dir() {
+        return Err(LocalDataError::NotADirectory(dir.to_path_buf()));
+    }
+    for name in [TRAIN_FILE, TEST_FILE] {
+        let path = dir.join(name);
+        let metadata = std::fs::metadata(&path).map_err(|source| LocalDataError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        if metadata.len() == 0 {
+            return Err(LocalDataError::Empty { path });
+        }
+    }
+    Ok(())
+}
+
 fn read_text(path: &Path) -> Result<String, LocalDataError> {
     let bytes = std::fs::read(path).map_err(|source| LocalDataError::Read {
         path: path.to_path_buf(),
@@ -165,6 +184,8 @@ mod tests {
         let err = LocalText::load(dir.path(), TokenizerKind::Byte, 4).unwrap_err();
         assert!(err.to_string().contains("train.txt"), "{err}");
         assert!(matches!(err, LocalDataError::Read { .. }), "{err}");
+        let err = preflight(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("train.txt"), "{err}");
 
         std::fs::write(dir.path().join(TRAIN_FILE), "  \n").unwrap();
         std::fs::write(dir.path().join(TEST_FILE), "abcdefgh").unwrap();
@@ -194,6 +215,7 @@ mod tests {
         );
 
         std::fs::write(dir.path().join(TRAIN_FILE), "abcdefghij").unwrap();
+        preflight(dir.path()).unwrap();
         let text = LocalText::load(dir.path(), TokenizerKind::Byte, 4).unwrap();
         assert_eq!(text.train.len(), 10);
         assert_eq!(text.test, b"abcdefgh".map(u32::from).to_vec());

@@ -464,9 +464,20 @@ async fn missing_local_text_is_reported_before_training() {
     std::fs::write(dir.path().join("test.txt"), "some held-out text").unwrap();
     let (mock, record) = mock(lora_job(1.0, 0.0), vec![train(1, 1)]);
     let address = serve(mock).await;
-    let err = federated::run(config(address, dir.path(), TOKEN))
+    let err = federated::run(config(address.clone(), dir.path(), TOKEN))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("train.txt"), "{err}");
+    assert_eq!(
+        record.lock().unwrap().join_calls,
+        0,
+        "checked before joining"
+    );
+    // Text too short for one window is found once the job's context length is known.
+    std::fs::write(dir.path().join("train.txt"), "tiny").unwrap();
+    let err = federated::run(config(address, dir.path(), TOKEN))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("fewer than one window"), "{err}");
     assert_eq!(record.lock().unwrap().pushes.len(), 0);
 }
