@@ -505,3 +505,101 @@ pub fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let rest = &line[start..];
     Some(rest.split(' ').next().unwrap_or(rest))
 }
+
+/// A federated job's directory: client sites prepared from the committed
+/// Shakespeare fixture (`prepare-federated`), a job file, and the processes.
+pub struct FederatedJob {
+    pub job: Job,
+    /// Client site names, in `enrollment.toml` order.
+    pub clients: Vec<String>,
+}
+
+impl FederatedJob {
+    /// Prepares `clients` client sites into `<dir>/clients`.
+    pub fn new(clients: usize) -> FederatedJob {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fixture = workspace_root().join("data/fixtures/shakespeare");
+        let args: Vec<String> = vec![
+            "prepare-federated".into(),
+            "--plays".into(),
+            fixture.display().to_string(),
+            "--out".into(),
+            dir.path().join("clients").display().to_string(),
+            "--clients".into(),
+            clients.to_string(),
+            "--min-chars".into(),
+            "300".into(),
+        ];
+        let mut prepare = Proc::spawn(
+            "prepare-federated",
+            &binary("cohort-coordinator"),
+            &args,
+            dir.path(),
+        );
+        prepare.wait_success(Duration::from_secs(60));
+        let enrollment: toml::Value = toml::from_str(
+            &std::fs::read_to_string(dir.path().join("clients/enrollment.toml"))
+                .expect("enrollment"),
+        )
+        .expect("enrollment toml");
+        let clients = enrollment["client"]
+            .as_array()
+            .expect("clients")
+            .iter()
+            .map(|c| c["name"].as_str().expect("name").to_string())
+            .collect();
+        FederatedJob {
+            job: Job {
+                dir,
+                coordinator: None,
+                workers: Vec::new(),
+                addr: None,
+            },
+            clients,
+        }
+    }
+
+    /// Writes the job file (`run_dir = "run"` and the enrollment are set).
+    pub fn write_job(&self, body: &str) -> PathBuf {
+        let path = self.job.path("job.toml");
+        let body = body.replace(
+            "[federated]",
+            "[federated]\nenrollment = \"clients/enrollment.toml\"",
+        );
+        std::fs::write(&path, format!("run_dir = \"run\"\n{body}")).expect("job file");
+        path
+    }
+
+    /// Starts client site `name` with its own token file.
+    pub fn start_client(&mut self, name: &str, extra: &[&str]) {
+        let site = self.job.path("clients").join(name);
+        let mut args: Vec<String> = vec![
+            "federated".into(),
+            "--coordinator".into(),
+            self.job.addr.clone().expect("coordinator started"),
+            "--data".into(),
+            site.display().to_string(),
+            "--token-file".into(),
+            site.join("token").display().to_string(),
+            "--device".into(),
+            "cpu".into(),
+            "--threads".into(),
+            "1".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn(name, &binary("cohort-worker"), &args, self.job.dir.path());
+        self.job.workers.push(proc);
+    }
+
+    /// The privacy ledger's rows: (round, epsilon after the charge).
+    pub fn privacy_charges(&self) -> Vec<(u64, f64)> {
+        let conn = rusqlite::Connection::open(self.job.path("run/cohort.sqlite")).expect("store");
+        let mut statement = conn
+            .prepare("SELECT round, epsilon_after FROM privacy_charges ORDER BY id")
+            .expect("privacy table");
+        let rows = statement
+            .query_map([], |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)))
+            .expect("query");
+        rows.collect::<Result<_, _>>().expect("rows")
+    }
+}
