@@ -8,6 +8,7 @@ scripts/bootstrap.sh
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
 
+scripts/check-deploy.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the real binaries: build them first.
