@@ -57,27 +57,27 @@ enum Command {
         run_dir: Option<PathBuf>,
         /// Refuse to start if the run directory already holds checkpoints
         /// (the default is to resume from them).
-        #[arg(long)]
+        #[arg(long, env = "COHORT_FRESH")]
         fresh: bool,
     },
     /// Tokenises text files into token shards and a manifest.
     Prepare {
         /// Text files or directories (searched for .txt and .md).
-        #[arg(long = "input", required = true, num_args = 1..)]
+        #[arg(long = "input", env = "COHORT_INPUT", required = true, num_args = 1..)]
         inputs: Vec<PathBuf>,
         /// Output directory.
-        #[arg(long)]
+        #[arg(long, env = "COHORT_OUTPUT")]
         output: PathBuf,
-        #[arg(long, value_enum, default_value_t = TokenizerKind::Byte)]
+        #[arg(long, env = "COHORT_TOKENIZER", value_enum, default_value_t = TokenizerKind::Byte)]
         tokenizer: TokenizerKind,
         /// The model's context length; shards hold a whole number of windows.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, env = "COHORT_CONTEXT_LENGTH", default_value_t = 64)]
         context_length: u32,
         /// Approximate tokens per shard.
-        #[arg(long, default_value_t = 16_384)]
+        #[arg(long, env = "COHORT_SHARD_TOKENS", default_value_t = 16_384)]
         shard_tokens: u64,
         /// Every n-th shard is held out for evaluation.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, env = "COHORT_VAL_EVERY", default_value_t = 20)]
         val_every: usize,
     },
     /// Splits Shakespeare's plays into federated client sites, one per
@@ -114,23 +114,24 @@ enum Command {
         /// Noise standard deviation divided by the clipping norm.
         #[arg(
             long,
+            env = "COHORT_NOISE_MULTIPLIER",
             required_unless_present = "target_epsilon",
             conflicts_with = "target_epsilon"
         )]
         noise_multiplier: Option<f64>,
         /// Print the smallest noise multiplier whose epsilon is at most this.
-        #[arg(long)]
+        #[arg(long, env = "COHORT_TARGET_EPSILON")]
         target_epsilon: Option<f64>,
         /// Poisson sampling rate of clients per round, in (0, 1].
-        #[arg(long)]
+        #[arg(long, env = "COHORT_SAMPLE_RATE")]
         sample_rate: f64,
         /// Number of rounds.
-        #[arg(long)]
+        #[arg(long, env = "COHORT_ROUNDS")]
         rounds: u64,
-        #[arg(long, default_value_t = 1e-5)]
+        #[arg(long, env = "COHORT_DELTA", default_value_t = 1e-5)]
         delta: f64,
         /// Print one JSON object instead of a sentence.
-        #[arg(long)]
+        #[arg(long, env = "COHORT_JSON")]
         json: bool,
     },
 }
