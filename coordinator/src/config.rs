@@ -224,8 +224,12 @@ pub struct TrainSection {
     pub checkpoint_every: u64,
 }
 
+/// Every committed round is made durable by default (in the background; a
+/// round committed while the previous write is still running is folded into
+/// the next write). Large models may choose a larger K and trade the rounds
+/// since the last write for the I/O.
 fn default_checkpoint_every() -> u64 {
-    10
+    1
 }
 
 fn default_eval_shards() -> u32 {
@@ -730,6 +734,13 @@ impl JobFile {
             }
         };
         let update_dtype = t.update_dtype;
+        if update_dtype != DType::F32 {
+            // bf16 rounding of a clipped update could carry it past C.
+            return Err(invalid(
+                "train.update_dtype",
+                "a federated job's updates travel as f32 (bf16 rounding could push a clipped update past clip_norm)",
+            ));
+        }
         let client_noise_stddev = rules.client_noise_stddev(c.min_participants as usize);
         let engine = EngineConfig {
             tensors,
@@ -838,5 +849,183 @@ mod tests {
         assert_eq!(normalize(Path::new("./a/./b/../c")), PathBuf::from("a/c"));
         assert_eq!(normalize(Path::new("../up")), PathBuf::from("../up"));
         assert_eq!(normalize(Path::new("a/..")), PathBuf::from("."));
+    }
+
+    const TOKEN_HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    /// A valid federated job file in `dir`, with `edit` applied to its text.
+    fn federated_job(dir: &Path, edit: impl Fn(String) -> String) -> Result<JobPlan, ConfigError> {
+        std::fs::write(
+            dir.join("enrollment.toml"),
+            format!(
+                "[[client]]\nname = \"a\"\ntoken_sha256 = \"{TOKEN_HASH}\"\n[[client]]\nname = \"b\"\ntoken_sha256 = \"{}\"\n",
+                "1".repeat(64)
+            ),
+        )
+        .unwrap();
+        let text = edit(
+            r#"
+name = "fed"
+run_dir = "run"
+[model]
+preset = "tiny"
+[train]
+rounds = 3
+inner_steps = 2
+[cluster]
+min_workers = 2
+min_participants = 2
+[federated]
+enrollment = "enrollment.toml"
+sample_rate = 0.5
+[federated.dp]
+mode = "central"
+clip_norm = 1.0
+noise_multiplier = 1.0
+epsilon = 8.0
+delta = 1e-5
+"#
+            .to_string(),
+        );
+        JobFile::parse(&text, &dir.join("job.toml"))?.validate()
+    }
+
+    fn field_of(result: Result<JobPlan, ConfigError>) -> String {
+        match result {
+            Err(ConfigError::Invalid { field, message }) => format!("{field}: {message}"),
+            Err(other) => other.to_string(),
+            Ok(_) => "accepted".to_string(),
+        }
+    }
+
+    #[test]
+    fn a_valid_federated_job_plans_lora_adapters_and_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = federated_job(dir.path(), |t| t).unwrap();
+        let f = plan.federated.as_ref().unwrap();
+        assert_eq!(f.clients.get(TOKEN_HASH).map(String::as_str), Some("a"));
+        assert!(plan.engine.tensors.iter().all(|t| t.name.contains("lora")));
+        assert_eq!(f.base_tensors.len(), plan.model.tensor_specs().len());
+        assert_eq!(
+            f.client_noise_stddev, 0.0,
+            "central mode: clients do not add noise"
+        );
+        assert_eq!(
+            plan.engine.outer,
+            OuterOptimizerConfig::Sgd { lr: 1.0 },
+            "FedAvg by default"
+        );
+    }
+
+    #[test]
+    fn every_broken_federated_setting_names_its_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: Vec<(&str, Box<dyn Fn(String) -> String>, &str)> = vec![
+            (
+                "q outside (0, 1]",
+                Box::new(|t| t.replace("sample_rate = 0.5", "sample_rate = 1.5")),
+                "sample_rate must be in (0, 1]",
+            ),
+            (
+                "sigma <= 0",
+                Box::new(|t| t.replace("noise_multiplier = 1.0", "noise_multiplier = 0.0")),
+                "noise_multiplier must be positive",
+            ),
+            (
+                "fixed-size cohorts with DP",
+                Box::new(|t| t.replace("sample_rate = 0.5", "cohort_size = 2")),
+                "not covered by the privacy accountant",
+            ),
+            (
+                "both sampling settings",
+                Box::new(|t| t.replace("sample_rate = 0.5", "sample_rate = 0.5\ncohort_size = 2")),
+                "exactly one of federated.sample_rate",
+            ),
+            (
+                "a budget without delta",
+                Box::new(|t| t.replace("delta = 1e-5", "")),
+                "federated.dp.epsilon: set both",
+            ),
+            (
+                "bf16 updates",
+                Box::new(|t| {
+                    t.replace(
+                        "inner_steps = 2",
+                        "inner_steps = 2\nupdate_dtype = \"bf16\"",
+                    )
+                }),
+                "train.update_dtype",
+            ),
+            (
+                "more clients needed than enrolled",
+                Box::new(|t| {
+                    t.replace("min_workers = 2", "min_workers = 3")
+                        .replace("min_participants = 2", "min_participants = 3")
+                }),
+                "enrolled clients (2) are fewer",
+            ),
+            (
+                "a missing enrollment file",
+                Box::new(|t| t.replace("enrollment.toml", "missing.toml")),
+                "federated.enrollment: cannot read",
+            ),
+            (
+                "a missing base checkpoint",
+                Box::new(|t| {
+                    t.replace(
+                        "sample_rate = 0.5",
+                        "sample_rate = 0.5\nbase_checkpoint = \"nope.safetensors\"",
+                    )
+                }),
+                "federated.base_checkpoint",
+            ),
+            (
+                "a LoRA rank above d_model",
+                Box::new(|t| t.replace("sample_rate = 0.5", "sample_rate = 0.5\nlora_rank = 65")),
+                "federated.lora_rank",
+            ),
+            (
+                "epochs in a federated job",
+                Box::new(|t| t.replace("rounds = 3", "epochs = 1")),
+                "train.rounds",
+            ),
+            (
+                "an unknown key",
+                Box::new(|t| {
+                    t.replace("sample_rate = 0.5", "sample_rate = 0.5\nsampel_rate = 0.1")
+                }),
+                "unknown field `sampel_rate`",
+            ),
+            (
+                "an unknown DP mode",
+                Box::new(|t| t.replace("mode = \"central\"", "mode = \"centre\"")),
+                "unknown variant `centre`",
+            ),
+        ];
+        for (what, edit, needle) in cases {
+            let got = field_of(federated_job(dir.path(), edit));
+            assert!(
+                got.contains(needle),
+                "{what}: {got:?} does not contain {needle:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_malformed_enrollment_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for (enrollment, needle) in [
+            ("[[client]]\nname = \"a\"\ntoken_sha256 = \"abc\"\n", "64 hex digits"),
+            ("", "enrolls no clients"),
+            (
+                "[[client]]\nname = \"a\"\ntoken_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n[[client]]\nname = \"a\"\ntoken_sha256 = \"1111111111111111111111111111111111111111111111111111111111111111\"\n",
+                "enrolled twice",
+            ),
+        ] {
+            let path = dir.path().join("enrollment.toml");
+            std::fs::write(&path, enrollment).unwrap();
+            let err = load_enrollment(&path).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err} does not contain {needle}");
+        }
     }
 }

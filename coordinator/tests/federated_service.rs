@@ -386,6 +386,17 @@ async fn clients_are_admitted_by_token_and_bad_updates_are_refused() {
     drop(running);
 }
 
+async fn next(c: &mut CoordinatorClient<Channel>, id: &str) -> pb::next_task_response::Task {
+    c.next_task(pb::NextTaskRequest {
+        worker_id: id.to_string(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .task
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_budget_too_small_for_one_round_ends_the_job_before_anyone_trains() {
     let dir = tempfile::tempdir().unwrap();
@@ -405,17 +416,24 @@ async fn a_budget_too_small_for_one_round_ends_the_job_before_anyone_trains() {
         clients.push(c);
         ids.push(id);
     }
+    // Nobody trains: the base version is evaluated by every client, then done.
     for (c, id) in clients.iter_mut().zip(&ids) {
-        let task = c
-            .next_task(pb::NextTaskRequest {
-                worker_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .task
-            .unwrap();
-        match task {
+        let task = next(c, id).await;
+        let pb::next_task_response::Task::Eval(eval) = task else {
+            panic!("expected Eval, got {task:?}");
+        };
+        assert_eq!(eval.version, 0);
+        c.report_eval(pb::ReportEvalRequest {
+            worker_id: id.clone(),
+            version: 0,
+            loss: 5.5,
+            tokens: 100,
+        })
+        .await
+        .unwrap();
+    }
+    for (c, id) in clients.iter_mut().zip(&ids) {
+        match next(c, id).await {
             pb::next_task_response::Task::Done(done) => {
                 assert!(done.reason.contains("privacy budget"), "{}", done.reason)
             }

@@ -30,6 +30,12 @@ pub const NOISE_TAIL_T: f64 = 12.0;
 /// Relative slack for f32 rounding in the client's clip and encode.
 pub const ROUNDING_SLACK: f64 = 1e-4;
 
+/// The lattice the clients' exact noise sampler works on (cohort-dp's
+/// default granularity 2^-30): it rounds each value to a multiple of it (at
+/// most half a step each, so ‖·‖ moves by at most 2^-31 √d) and rounds the
+/// standard deviation up to a multiple of it. The bound allows both.
+pub const NOISE_LATTICE: f64 = 1.0 / (1u64 << 30) as f64;
+
 /// Euclidean norm, accumulated in f64.
 pub fn l2_norm(values: &[f32]) -> f64 {
     sum_of_squares(values).sqrt()
@@ -73,9 +79,15 @@ pub fn clip_l2(values: &mut [f32], clip_norm: f64) -> Clipped {
 /// was clipped to `clip_norm` and then noised with standard deviation
 /// `noise_stddev` per coordinate; see the module docs.
 pub fn update_norm_bound(clip_norm: f64, noise_stddev: f64, dims: usize) -> f64 {
-    let (c, s, t) = (clip_norm, noise_stddev, NOISE_TAIL_T);
+    let lattice = if noise_stddev > 0.0 {
+        NOISE_LATTICE
+    } else {
+        0.0
+    };
+    let (c, s, t) = (clip_norm, noise_stddev + lattice, NOISE_TAIL_T);
     let noise = s * ((dims as f64).sqrt() + t);
-    (c * c + 2.0 * s * c * t + noise * noise).sqrt() * (1.0 + ROUNDING_SLACK)
+    let rounding = lattice * (dims as f64).sqrt();
+    (c * c + 2.0 * s * c * t + noise * noise).sqrt() * (1.0 + ROUNDING_SLACK) + rounding
 }
 
 #[cfg(test)]

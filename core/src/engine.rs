@@ -496,6 +496,14 @@ enum Phase {
     FinalEval {
         assignee: Option<(WorkerId, Instant)>,
     },
+    /// A federated job's training is over; every connected client evaluates
+    /// the final version on its own held-out text until all have reported
+    /// or the deadline passes. Reports: (loss, tokens).
+    FederatedEval {
+        asked: std::collections::BTreeSet<WorkerId>,
+        reports: BTreeMap<WorkerId, (f64, u64)>,
+        deadline: Instant,
+    },
     Finished,
 }
 
@@ -761,6 +769,7 @@ impl RoundEngine {
                 self.on_deadline(now);
             }
         }
+        self.maybe_finish_federated_eval(now);
         self.check_round(now);
         self.maybe_start_round(now);
     }
@@ -785,6 +794,9 @@ impl RoundEngine {
             if assignee.is_some_and(|(w, _)| w == worker) {
                 *assignee = None;
             }
+        }
+        if let Phase::FederatedEval { asked, .. } = &mut self.phase {
+            asked.remove(&worker);
         }
         self.events.push(Event::WorkerExpired {
             worker,
@@ -817,6 +829,18 @@ impl RoundEngine {
                 }
                 return Ok(Task::Wait {
                     retry_after: IDLE_RETRY,
+                });
+            }
+            Phase::FederatedEval { asked, reports, .. } => {
+                if reports.contains_key(&worker) {
+                    return Ok(Task::Wait {
+                        retry_after: IDLE_RETRY,
+                    });
+                }
+                asked.insert(worker);
+                return Ok(Task::Eval {
+                    version: self.version,
+                    eval_shards: Vec::new(),
                 });
             }
             Phase::Training => {}
@@ -982,7 +1006,7 @@ impl RoundEngine {
                     budget_epsilon: budget.epsilon,
                     delta: budget.delta,
                 });
-                self.finish();
+                self.start_federated_eval(now);
                 return;
             }
         }
@@ -1370,6 +1394,15 @@ impl RoundEngine {
                 "eval loss must be finite and non-negative",
             ));
         }
+        if let Phase::FederatedEval { asked, reports, .. } = &mut self.phase {
+            if version != self.version || !asked.contains(&worker) || reports.contains_key(&worker)
+            {
+                return Err(EngineError::UnexpectedEval { worker, version });
+            }
+            reports.insert(worker, (loss, tokens));
+            self.maybe_finish_federated_eval(now);
+            return Ok(());
+        }
         let Phase::FinalEval { assignee } = &self.phase else {
             return Err(EngineError::UnexpectedEval { worker, version });
         };
@@ -1588,6 +1621,48 @@ impl RoundEngine {
         Ok(())
     }
 
+    /// Ends training of a federated job: the connected clients evaluate
+    /// the final version.
+    fn start_federated_eval(&mut self, now: Instant) {
+        self.phase = Phase::FederatedEval {
+            asked: Default::default(),
+            reports: BTreeMap::new(),
+            deadline: now + self.config.round_deadline,
+        };
+        self.maybe_finish_federated_eval(now);
+    }
+
+    /// Finishes the final federated evaluation once every connected client
+    /// has reported, or at its deadline, with the token-weighted mean loss.
+    fn maybe_finish_federated_eval(&mut self, now: Instant) {
+        let Phase::FederatedEval {
+            reports, deadline, ..
+        } = &self.phase
+        else {
+            return;
+        };
+        let everyone =
+            !self.workers.is_empty() && self.workers.keys().all(|w| reports.contains_key(w));
+        if !everyone && now < *deadline {
+            return;
+        }
+        let tokens: u64 = reports.values().map(|&(_, t)| t.max(1)).sum();
+        if tokens > 0 {
+            let loss = reports
+                .values()
+                .map(|&(l, t)| l * t.max(1) as f64)
+                .sum::<f64>()
+                / tokens as f64;
+            self.final_eval_loss = Some(loss);
+            self.events.push(Event::EvalReported {
+                version: self.version,
+                loss,
+                tokens,
+            });
+        }
+        self.finish();
+    }
+
     fn publish_federated(
         &mut self,
         round: ActiveRound,
@@ -1664,7 +1739,7 @@ impl RoundEngine {
             }),
         }));
         if self.committed_rounds >= self.config.max_rounds {
-            self.finish();
+            self.start_federated_eval(now);
         } else {
             self.maybe_start_round(now);
         }
@@ -1686,7 +1761,7 @@ impl RoundEngine {
             epochs_completed: self.epochs_completed,
             phase: match self.phase {
                 Phase::Training => SnapshotPhase::Training,
-                Phase::FinalEval { .. } => SnapshotPhase::FinalEval,
+                Phase::FinalEval { .. } | Phase::FederatedEval { .. } => SnapshotPhase::FinalEval,
                 Phase::Finished => SnapshotPhase::Finished,
             },
             final_eval_loss: self.final_eval_loss,

@@ -246,7 +246,7 @@ fn the_budget_stops_the_job_before_a_round_that_would_overrun_it() {
     let mut e = engine(rules(DpMode::Central, 1.0, budget), 2, 1000);
     let clients = join_clients(&mut e, 3, now);
     let mut released = 0;
-    while !e.is_finished() {
+    loop {
         let cohort = cohort_round_or_done(&mut e, &clients, now);
         let Some(cohort) = cohort else { break };
         for &(worker, round) in &cohort {
@@ -270,10 +270,46 @@ fn the_budget_stops_the_job_before_a_round_that_would_overrun_it() {
         .unwrap()
         .epsilon;
     assert!(next > budget, "one more round ({next}) would have fit");
+    // The final version is evaluated by every client, then the job ends.
+    for (i, &client) in clients.iter().enumerate() {
+        match e.next_task(client, now).unwrap() {
+            Task::Eval { version, .. } => e
+                .report_eval(client, version, 1.0 + i as f64, 10, now)
+                .unwrap(),
+            other => panic!("expected Eval, got {other:?}"),
+        }
+    }
+    assert!(e.is_finished());
+    let events = e.drain_events();
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::EvalReported { loss, tokens: 30, .. } if (*loss - 2.0).abs() < 1e-12
+    )));
     match e.next_task(clients[0], now) {
         Ok(Task::Done { reason }) => assert!(reason.contains("privacy budget"), "{reason}"),
         other => panic!("expected Done, got {other:?}"),
     }
+}
+
+#[test]
+fn the_final_evaluation_ends_at_its_deadline_with_the_reports_it_has() {
+    let now = Instant::now();
+    let mut e = engine(rules(DpMode::None, 1.0, 0.0), 2, 1);
+    let clients = join_clients(&mut e, 2, now);
+    let cohort = cohort_round(&mut e, &clients, now);
+    for &(worker, round) in &cohort {
+        push(&mut e, worker, round, &update(0.2), now).unwrap();
+    }
+    assert_eq!(e.version(), Version(1));
+    let Task::Eval { version, .. } = e.next_task(clients[0], now).unwrap() else {
+        panic!("expected an evaluation");
+    };
+    // Nobody else was asked: an unasked report is refused.
+    assert!(e.report_eval(clients[1], version, 1.0, 5, now).is_err());
+    e.report_eval(clients[0], version, 3.0, 5, now).unwrap();
+    assert!(!e.is_finished(), "waits for the other client");
+    e.tick(now + Duration::from_secs(31));
+    assert!(e.is_finished());
 }
 
 fn cohort_round_or_done(
@@ -282,10 +318,14 @@ fn cohort_round_or_done(
     now: Instant,
 ) -> Option<Vec<(WorkerId, RoundId)>> {
     for _ in 0..200 {
-        if engine.is_finished() {
-            return None;
+        let mut assigned = Vec::new();
+        for &c in clients {
+            match engine.next_task(c, now).unwrap() {
+                Task::Train { round, .. } => assigned.push((c, round)),
+                Task::Eval { .. } | Task::Done { .. } => return None,
+                Task::Wait { .. } => {}
+            }
         }
-        let assigned = assignments(engine, clients, now);
         if !assigned.is_empty() {
             return Some(assigned);
         }
