@@ -29,6 +29,7 @@ use tracing::{info, warn};
 
 use crate::actor::{self, JobOutcome, SharedStore};
 use crate::config::JobPlan;
+use crate::convert::job_spec_to_proto;
 use crate::service::CoordinatorService;
 use crate::store::{JobIdentity, RunStore, StoreError};
 
@@ -51,6 +52,29 @@ pub use cohort_proto::HTTP2_MAX_FRAME_SIZE;
 pub const HTTP2_STREAM_WINDOW: u32 = 256 * 1024;
 /// Per-connection receive window (a worker has one push or pull at a time).
 pub const HTTP2_CONNECTION_WINDOW: u32 = 512 * 1024;
+
+/// Room a gRPC message has beyond a chunk's payload. A pushed or pulled chunk
+/// is `max_chunk_bytes` of data plus under 32 bytes of framing (tensor index,
+/// offset, field tags and lengths); every other message (a push header, a
+/// join with its hostname and enrollment token, a task) fits in it whole.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 4 * 1024;
+
+/// The largest gRPC message the coordinator decodes: one pushed chunk of
+/// `max_chunk_bytes` plus [`MESSAGE_OVERHEAD_BYTES`]. tonic refuses a larger
+/// one with OUT_OF_RANGE from its length prefix, before buffering it; a push
+/// that carries one is discarded like any other failed push.
+pub fn max_decoding_message_bytes(plan: &JobPlan) -> usize {
+    plan.max_chunk_bytes as usize + MESSAGE_OVERHEAD_BYTES
+}
+
+/// The largest gRPC message the coordinator encodes: a pulled chunk or the
+/// join response, whose job spec grows with the number of tensors, whichever
+/// is larger, plus [`MESSAGE_OVERHEAD_BYTES`].
+pub fn max_encoding_message_bytes(plan: &JobPlan) -> usize {
+    use prost::Message;
+    let job_spec = job_spec_to_proto(plan).encoded_len();
+    (plan.max_chunk_bytes as usize).max(job_spec) + MESSAGE_OVERHEAD_BYTES
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -275,7 +299,11 @@ pub async fn run_with(
         // window; hyper's 1 MiB default made that O(workers x 1 MiB).
         .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
         .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
-        .add_service(CoordinatorServer::new(service))
+        .add_service(
+            CoordinatorServer::new(service)
+                .max_decoding_message_size(max_decoding_message_bytes(&plan))
+                .max_encoding_message_size(max_encoding_message_bytes(&plan)),
+        )
         .add_service(health_service)
         .serve_with_incoming_shutdown(incoming, server_stop)
         .await?;
