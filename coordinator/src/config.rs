@@ -920,7 +920,8 @@ delta = 1e-5
     #[test]
     fn every_broken_federated_setting_names_its_field() {
         let dir = tempfile::tempdir().unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(String) -> String>, &str)> = vec![
+        type Edit = Box<dyn Fn(String) -> String>;
+        let cases: Vec<(&str, Edit, &str)> = vec![
             (
                 "q outside (0, 1]",
                 Box::new(|t| t.replace("sample_rate = 0.5", "sample_rate = 1.5")),
