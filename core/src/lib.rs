@@ -8,6 +8,8 @@
 //! - [`ids`]: newtypes for worker, round, shard and version identifiers.
 //! - [`model`]: GPT model configuration and its parameter layout.
 //! - [`params`]: flat parameter buffers, their layout and deterministic init.
+//! - [`hf_gpt2`]: the Hugging Face GPT-2 layout: names, Conv1D transposes,
+//!   `config.json`, LoRA merging and PEFT adapter names.
 //! - [`codec`]: little-endian f32/bf16 tensor payloads, validated on decode.
 //! - [`aggregate`]: the running sum that pushes fold into, with exact undo.
 //! - [`clip`]: L2 clipping of updates and the norm bound for noised ones.
@@ -24,7 +26,7 @@ pub mod clip;
 pub mod codec;
 pub mod engine;
 pub mod federated;
-
+pub mod hf_gpt2;
 pub mod ids;
 pub mod model;
 pub mod outer;

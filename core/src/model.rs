@@ -7,6 +7,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// LayerNorm ε of every LayerNorm in the model (GPT-2's `layer_norm_epsilon`); the worker
+/// computes with it and the Hugging Face export writes it.
+pub const LAYER_NORM_EPSILON: f64 = 1e-5;
+
 /// Architecture of a GPT-style decoder: causal self-attention, pre-LayerNorm,
 /// GELU MLP (4× width), learned positions, tied input/output embeddings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

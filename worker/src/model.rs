@@ -7,7 +7,7 @@ use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
 
 use crate::lora::{adapted_linear, LoraAdapters, LoraConfig};
 
-const LAYER_NORM_EPS: f64 = 1e-5;
+const LAYER_NORM_EPS: f64 = cohort_core::model::LAYER_NORM_EPSILON;
 
 /// Why the model cannot be built, loaded or run.
 #[derive(Debug, thiserror::Error)]
