@@ -12,6 +12,8 @@
 //! - [`convert`]: wire types to domain types, domain errors to gRPC statuses.
 //! - [`planning`]: the `privacy` planning subcommand (epsilon for sigma, sigma for epsilon).
 //! - [`checkpoint`]: safetensors checkpoints and run records.
+//! - [`hf`]: `export-hf`/`import-hf`, checkpoints to and from the Hugging Face
+//!   GPT-2 layout (transformers, PEFT).
 //! - [`store`]: the run directory's SQLite store of the job and its
 //!   checkpoints, from which a restarted coordinator resumes.
 //!
@@ -23,6 +25,7 @@ pub mod config;
 pub mod convert;
 pub mod data;
 pub mod federated_data;
+pub mod hf;
 pub mod planning;
 pub mod server;
 pub mod service;

@@ -134,6 +134,113 @@ enum Command {
         #[arg(long, env = "COHORT_JSON")]
         json: bool,
     },
+    /// Writes a checkpoint in the Hugging Face GPT-2 layout (transformers'
+    /// GPT2LMHeadModel): DIR/config.json and DIR/model.safetensors, LoRA
+    /// adapters merged into the weights; or, with --as-peft, a PEFT adapter
+    /// (DIR/adapter_config.json, DIR/adapter_model.safetensors) and its base
+    /// model in DIR/base. With --job, the job supplies the model, the LoRA
+    /// settings and base, and its run directory's newest checkpoint.
+    ExportHf(ExportHfArgs),
+    /// Reads a Hugging Face GPT-2 model (DIR/config.json and
+    /// DIR/model.safetensors) into a Cohort checkpoint, to start a federated
+    /// job (`federated.base_checkpoint`) or pretraining
+    /// (`train.init_checkpoint`) from; prints the job file's [model] section.
+    ImportHf(ImportHfArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModelArg {
+    Tiny,
+    Gpt2Small,
+}
+
+#[derive(clap::Args, Debug)]
+struct ExportHfArgs {
+    /// A job file: its model, LoRA rank and alpha, base checkpoint and run
+    /// directory (whose newest checkpoint-*.safetensors is exported).
+    #[arg(long, env = "COHORT_EXPORT_JOB")]
+    job: Option<PathBuf>,
+    /// The model, without --job.
+    #[arg(long, env = "COHORT_EXPORT_MODEL", value_enum)]
+    model: Option<ModelArg>,
+    /// The model's parameters (a Cohort checkpoint); with a LoRA --job,
+    /// the base the adapters apply to.
+    #[arg(long, env = "COHORT_EXPORT_CHECKPOINT")]
+    checkpoint: Option<PathBuf>,
+    /// LoRA adapters to apply (a federated LoRA job's checkpoint); their
+    /// rank is read from the file.
+    #[arg(long, env = "COHORT_EXPORT_LORA_ADAPTERS")]
+    lora_adapters: Option<PathBuf>,
+    /// The adapters' alpha (they scale by alpha / rank), without --job.
+    #[arg(long, env = "COHORT_EXPORT_LORA_ALPHA")]
+    lora_alpha: Option<f64>,
+    /// Write a PEFT LoRA adapter (and its base model in OUT/base) instead of
+    /// merged weights.
+    #[arg(long, env = "COHORT_EXPORT_AS_PEFT")]
+    as_peft: bool,
+    /// Output directory (created; files of the same names are replaced).
+    #[arg(long, env = "COHORT_EXPORT_OUT")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct ImportHfArgs {
+    /// Directory holding a GPT-2 config.json and model.safetensors (as
+    /// written by save_pretrained).
+    #[arg(long, env = "COHORT_IMPORT_HF_DIR")]
+    hf_dir: PathBuf,
+    /// The Cohort checkpoint to write (.safetensors).
+    #[arg(long, env = "COHORT_IMPORT_OUT")]
+    out: PathBuf,
+}
+
+fn export_hf(args: ExportHfArgs) -> anyhow::Result<()> {
+    use cohort_coordinator::hf;
+    let request = hf::ExportRequest {
+        job: args.job,
+        model: args.model.map(|model| match model {
+            ModelArg::Tiny => cohort_core::model::ModelConfig::tiny_byte_level(),
+            ModelArg::Gpt2Small => cohort_core::model::ModelConfig::gpt2_small(),
+        }),
+        checkpoint: args.checkpoint,
+        lora_adapters: args.lora_adapters,
+        lora_alpha: args.lora_alpha,
+    };
+    let source = hf::resolve(&request)?;
+    let format = if args.as_peft {
+        hf::ExportFormat::Peft
+    } else {
+        hf::ExportFormat::Merged
+    };
+    let report = hf::export(&source, format, &args.out)
+        .with_context(|| format!("cannot export to {}", args.out.display()))?;
+    info!(
+        source = %source.described,
+        out = %args.out.display(),
+        tensors = report.tensors,
+        merged_adapters = report.merged_adapters,
+        peft = args.as_peft,
+        "exported in the Hugging Face GPT-2 layout"
+    );
+    for file in &report.files {
+        println!("{}", file.display());
+    }
+    Ok(())
+}
+
+fn import_hf(args: ImportHfArgs) -> anyhow::Result<()> {
+    use cohort_coordinator::hf;
+    let report = hf::import(&args.hf_dir, &args.out)
+        .with_context(|| format!("cannot import {}", args.hf_dir.display()))?;
+    info!(
+        hf_dir = %args.hf_dir.display(),
+        out = %args.out.display(),
+        tensors = report.tensors,
+        skipped = ?report.skipped,
+        "imported a Hugging Face GPT-2 model"
+    );
+    print!("{}", hf::model_section(&report.model));
+    Ok(())
 }
 
 fn install_tracing(format: LogFormat) {
@@ -323,6 +430,8 @@ fn main() -> ExitCode {
                     );
                 })
         }
+        Command::ExportHf(args) => export_hf(args),
+        Command::ImportHf(args) => import_hf(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -351,6 +351,41 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// The element types a Hugging Face checkpoint may store; all are read as f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HfDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl HfDtype {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            HfDtype::F32 => 4,
+            HfDtype::F16 | HfDtype::BF16 => 2,
+        }
+    }
+}
+
+/// Little-endian `bytes` of `dtype` as f32 (exact: every f16 and bf16 is an f32).
+pub fn decode_to_f32(dtype: HfDtype, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        HfDtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        HfDtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        HfDtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+    }
+}
+
 /// LoRA adapters in Cohort's `lora_specs` layout, with the settings they were trained with.
 #[derive(Clone, Copy, Debug)]
 pub struct LoraAdapters<'a> {
@@ -679,6 +714,24 @@ mod tests {
             ),
             Err(HfError::Length { .. })
         ));
+    }
+
+    #[test]
+    fn half_precision_checkpoints_decode_exactly() {
+        let values = [1.5f32, -0.25, 65504.0];
+        let f32_bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(decode_to_f32(HfDtype::F32, &f32_bytes), values);
+        let f16_bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        assert_eq!(decode_to_f32(HfDtype::F16, &f16_bytes), values);
+        let bf16_bytes: Vec<u8> = [1.5f32, -0.25]
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        assert_eq!(decode_to_f32(HfDtype::BF16, &bf16_bytes), [1.5, -0.25]);
+        assert_eq!(HfDtype::BF16.size_bytes(), 2);
     }
 
     #[test]
