@@ -30,11 +30,13 @@ use cohort_coordinator::data::{prepare, PrepareOptions, TokenizerKind};
 use cohort_coordinator::server::{self, HTTP2_MAX_FRAME_SIZE};
 use cohort_core::model::{Init, TensorSpec};
 use cohort_core::rng::SplitMix64;
+use cohort_proto::session::SessionAuth;
 use cohort_proto::v1 as pb;
 use cohort_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Barrier;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 const CHILD_ENV: &str = "COHORT_ROUND_BENCH_CHILD";
@@ -292,8 +294,11 @@ fn parse_vm_hwm(text: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// A simulated worker's client: its calls carry the session of its join.
+type Client = CoordinatorClient<InterceptedService<Channel, SessionAuth>>;
+
 struct Pushed {
-    client: CoordinatorClient<Channel>,
+    client: Client,
     worker_id: String,
     pulled_at: Instant,
     pushed_at: Instant,
@@ -363,7 +368,8 @@ async fn simulated_worker(
     update: Bytes,
     p: usize,
 ) -> Result<Pushed> {
-    let mut client = CoordinatorClient::new(channel);
+    let session = SessionAuth::default();
+    let mut client = CoordinatorClient::with_interceptor(channel, session.clone());
     let join = client
         .join(pb::JoinRequest {
             token: String::new(),
@@ -376,6 +382,7 @@ async fn simulated_worker(
         })
         .await?
         .into_inner();
+    session.set(&join.session_token)?;
     let worker_id = join.worker_id;
     joined.wait().await;
     let task = client

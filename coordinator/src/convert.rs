@@ -14,10 +14,14 @@ use cohort_core::model::TensorSpec;
 
 /// Maps each domain error to its gRPC status. Workers treat NOT_FOUND as
 /// "join again", FAILED_PRECONDITION as "ask for the next task",
-/// INVALID_ARGUMENT as a bug on their side, UNAVAILABLE as "retry".
+/// INVALID_ARGUMENT as a bug on their side, UNAVAILABLE as "retry";
+/// PERMISSION_DENIED and UNAUTHENTICATED (a worker id used without its
+/// session) stop them.
 pub fn status_from_engine(error: &EngineError) -> Status {
     let code = match error {
         EngineError::UnknownWorker(_) => Code::NotFound,
+        EngineError::SessionMismatch(_) => Code::PermissionDenied,
+        EngineError::MissingSession(_) => Code::Unauthenticated,
         EngineError::StaleRound { .. }
         | EngineError::StaleVersion { .. }
         | EngineError::NotAssigned { .. }
@@ -74,6 +78,7 @@ pub fn worker_info_from_proto(info: Option<pb::WorkerInfo>) -> Result<WorkerInfo
         device: info.device,
         device_memory_bytes: info.device_memory_bytes,
         client: None,
+        session: None,
     })
 }
 

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cohort_core::codec::{DType, FiniteValues};
 use cohort_core::engine::EngineError;
-use cohort_core::ids::{Version, WorkerId};
+use cohort_core::ids::{SessionDigest, Version, WorkerId};
 use cohort_core::params::ParamLayout;
+use cohort_proto::session::bearer_token;
 use cohort_proto::v1 as pb;
 use futures::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{instrument, warn};
@@ -100,7 +102,6 @@ impl CoordinatorService {
                 "a federated client must present its enrollment token",
             ));
         }
-        use sha2::{Digest, Sha256};
         let digest = Sha256::digest(token.trim().as_bytes());
         let hash: String = digest.iter().map(|b| format!("{b:02x}")).collect();
         match federated.clients.get(&hash) {
@@ -113,15 +114,22 @@ impl CoordinatorService {
     }
 
     /// Streams the frozen base model under a federated job's LoRA adapters.
-    async fn pull_base(&self, worker: WorkerId) -> Result<Response<PullStream>, Status> {
+    async fn pull_base(
+        &self,
+        worker: WorkerId,
+        session: Option<SessionDigest>,
+    ) -> Result<Response<PullStream>, Status> {
         let Some((layout, params)) = &self.base else {
             return Err(Status::failed_precondition(
                 "this job has no frozen base model (it trains every parameter)",
             ));
         };
         // Only members may pull, and pulling renews the lease.
-        self.engine_call(move |engine, now| engine.heartbeat(worker, now))
-            .await?;
+        self.engine_call(move |engine, now| {
+            engine.authenticate(worker, session.as_ref())?;
+            engine.heartbeat(worker, now)
+        })
+        .await?;
         let permit = Arc::clone(&self.pull_permits)
             .acquire_owned()
             .await
@@ -200,6 +208,26 @@ impl CoordinatorService {
     }
 }
 
+/// A new session for a joining worker: the token it is given (256 bits from
+/// the OS CSPRNG, hex) and the digest the coordinator keeps.
+fn new_session() -> Result<(String, SessionDigest), Status> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret)
+        .map_err(|e| Status::internal(format!("no randomness for a session token: {e}")))?;
+    let token: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let digest = session_digest(&token);
+    Ok((token, digest))
+}
+
+fn session_digest(token: &str) -> SessionDigest {
+    SessionDigest(Sha256::digest(token.as_bytes()).into())
+}
+
+/// The digest of the session token a request presents, if it presents one.
+fn presented_session<T>(request: &Request<T>) -> Option<SessionDigest> {
+    bearer_token(request.metadata()).map(session_digest)
+}
+
 /// A `Bytes` owner over the published parameters, so pull chunks are slices, not copies.
 struct ParamBytes(Arc<Vec<f32>>);
 
@@ -257,6 +285,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let role = request.info.as_ref().map_or(0, |i| i.role);
         let mut info = worker_info_from_proto(request.info)?;
         info.client = self.admit(role, &request.token)?;
+        let (session_token, session) = new_session()?;
+        info.session = Some(session);
         let (worker, lease) = self
             .engine
             .call(move |engine, now| engine.join(info, now))
@@ -266,6 +296,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             lease_ms: lease.as_millis() as u64,
             heartbeat_interval_ms: self.plan.heartbeat_interval.as_millis() as u64,
             job: Some(self.job_spec.clone()),
+            session_token,
         }))
     }
 
@@ -274,10 +305,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let session = presented_session(&request);
         let worker = worker_id(&request.into_inner().worker_id)?;
         tracing::Span::current().record("worker", tracing::field::display(worker));
         let lease = self
-            .engine_call(move |engine, now| engine.heartbeat(worker, now))
+            .engine_call(move |engine, now| {
+                engine.authenticate(worker, session.as_ref())?;
+                engine.heartbeat(worker, now)
+            })
             .await?;
         Ok(Response::new(pb::HeartbeatResponse {
             lease_ms: lease.as_millis() as u64,
@@ -289,10 +324,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::NextTaskRequest>,
     ) -> Result<Response<pb::NextTaskResponse>, Status> {
+        let session = presented_session(&request);
         let worker = worker_id(&request.into_inner().worker_id)?;
         tracing::Span::current().record("worker", tracing::field::display(worker));
         let task = self
-            .engine_call(move |engine, now| engine.next_task(worker, now))
+            .engine_call(move |engine, now| {
+                engine.authenticate(worker, session.as_ref())?;
+                engine.next_task(worker, now)
+            })
             .await?;
         Ok(Response::new(task_to_proto(task)))
     }
@@ -304,16 +343,20 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::PullParamsRequest>,
     ) -> Result<Response<Self::PullParamsStream>, Status> {
+        let session = presented_session(&request);
         let request = request.into_inner();
         let worker = worker_id(&request.worker_id)?;
         let version = Version(request.version);
         tracing::Span::current().record("worker", tracing::field::display(worker));
         tracing::Span::current().record("version", version.0);
         if request.base {
-            return self.pull_base(worker).await;
+            return self.pull_base(worker, session).await;
         }
         let params = self
-            .engine_call(move |engine, now| engine.pull(worker, version, now))
+            .engine_call(move |engine, now| {
+                engine.authenticate(worker, session.as_ref())?;
+                engine.pull(worker, version, now)
+            })
             .await?;
         let permit = Arc::clone(&self.pull_permits)
             .acquire_owned()
@@ -337,6 +380,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::PushUpdateResponse>, Status> {
+        let session = presented_session(&request);
         let mut stream = request.into_inner();
         // Wait for the fold before reading anything: a waiting push then holds
         // only its HTTP/2 stream window in the coordinator, not decoded chunks.
@@ -358,8 +402,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let (worker, header) = push_header_from_proto(header)?;
         tracing::Span::current().record("worker", tracing::field::display(worker));
         tracing::Span::current().record("round", header.round.0);
-        self.engine_call(move |engine, now| engine.begin_push(worker, header, now))
-            .await?;
+        self.engine_call(move |engine, now| {
+            engine.authenticate(worker, session.as_ref())?;
+            engine.begin_push(worker, header, now)
+        })
+        .await?;
         match self.receive_push(worker, header.dtype, &mut stream).await {
             Ok(response) => Ok(Response::new(response)),
             Err(status) => {
@@ -379,11 +426,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::ReportEvalRequest>,
     ) -> Result<Response<pb::ReportEvalResponse>, Status> {
+        let session = presented_session(&request);
         let request = request.into_inner();
         let worker = worker_id(&request.worker_id)?;
         let (version, loss, tokens) = (Version(request.version), request.loss, request.tokens);
-        self.engine_call(move |engine, now| engine.report_eval(worker, version, loss, tokens, now))
-            .await?;
+        self.engine_call(move |engine, now| {
+            engine.authenticate(worker, session.as_ref())?;
+            engine.report_eval(worker, version, loss, tokens, now)
+        })
+        .await?;
         Ok(Response::new(pb::ReportEvalResponse {}))
     }
 }

@@ -3,6 +3,9 @@
 //! DP noise of the advertised size in the released model, the durable
 //! privacy ledger, and the budget stop.
 
+#[path = "support/session_client.rs"]
+mod session_client;
+
 use std::path::Path;
 
 use cohort_coordinator::actor::JobOutcome;
@@ -13,9 +16,8 @@ use cohort_core::codec::{encode, DType};
 use cohort_core::params::ParamLayout;
 use cohort_proto::v1 as pb;
 use futures::StreamExt;
-use pb::coordinator_client::CoordinatorClient;
+use session_client::Client;
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
 use tonic::Code;
 
 const MAX_CHUNK_BYTES: usize = 1024;
@@ -99,12 +101,12 @@ async fn start(plan: JobPlan) -> Running {
     }
 }
 
-async fn client(addr: &str) -> CoordinatorClient<Channel> {
-    CoordinatorClient::connect(addr.to_string()).await.unwrap()
+async fn client(addr: &str) -> Client {
+    Client::connect(addr).await
 }
 
 async fn join(
-    c: &mut CoordinatorClient<Channel>,
+    c: &mut Client,
     role: pb::Role,
     token: &str,
 ) -> Result<(String, pb::JobSpec), tonic::Status> {
@@ -121,11 +123,12 @@ async fn join(
         })
         .await?
         .into_inner();
+    c.remember(&response);
     Ok((response.worker_id, response.job.unwrap()))
 }
 
 async fn pull(
-    c: &mut CoordinatorClient<Channel>,
+    c: &mut Client,
     worker: &str,
     version: u64,
     base: bool,
@@ -150,7 +153,7 @@ async fn pull(
     Ok(values)
 }
 
-async fn train_round(c: &mut CoordinatorClient<Channel>, worker: &str) -> Option<u64> {
+async fn train_round(c: &mut Client, worker: &str) -> Option<u64> {
     let task = c
         .next_task(pb::NextTaskRequest {
             worker_id: worker.into(),
@@ -206,7 +209,7 @@ fn chunks(layout: &ParamLayout, values: &[f32]) -> Vec<pb::UpdateChunk> {
 }
 
 async fn push(
-    c: &mut CoordinatorClient<Channel>,
+    c: &mut Client,
     messages: Vec<pb::UpdateChunk>,
 ) -> Result<pb::PushUpdateResponse, tonic::Status> {
     c.push_update(tokio_stream::iter(messages))
@@ -386,7 +389,7 @@ async fn clients_are_admitted_by_token_and_bad_updates_are_refused() {
     drop(running);
 }
 
-async fn next(c: &mut CoordinatorClient<Channel>, id: &str) -> pb::next_task_response::Task {
+async fn next(c: &mut Client, id: &str) -> pb::next_task_response::Task {
     c.next_task(pb::NextTaskRequest {
         worker_id: id.to_string(),
     })

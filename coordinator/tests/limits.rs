@@ -5,6 +5,9 @@
 //! with a clear status (or discarded) and the round then commits exactly the
 //! parameters of the pushes it accepted.
 
+#[path = "support/session_client.rs"]
+mod session_client;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -17,9 +20,9 @@ use cohort_core::codec::{encode, DType};
 use cohort_core::params::ParamLayout;
 use cohort_proto::v1 as pb;
 use futures::StreamExt;
-use pb::coordinator_client::CoordinatorClient;
 use pb::next_task_response::Task;
 use prost::Message;
+use session_client::Client;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
@@ -105,8 +108,8 @@ async fn start(plan: JobPlan) -> Running {
     }
 }
 
-async fn client(addr: &str) -> CoordinatorClient<Channel> {
-    CoordinatorClient::connect(addr.to_string()).await.unwrap()
+async fn client(addr: &str) -> Client {
+    Client::connect(addr).await
 }
 
 fn worker_info(hostname: String) -> pb::WorkerInfo {
@@ -118,18 +121,20 @@ fn worker_info(hostname: String) -> pb::WorkerInfo {
     }
 }
 
-async fn join(c: &mut CoordinatorClient<Channel>) -> String {
-    c.join(pb::JoinRequest {
-        info: Some(worker_info("test".into())),
-        token: String::new(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .worker_id
+async fn join(c: &mut Client) -> String {
+    let response = c
+        .join(pb::JoinRequest {
+            info: Some(worker_info("test".into())),
+            token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.remember(&response);
+    response.worker_id
 }
 
-async fn next_task(c: &mut CoordinatorClient<Channel>, worker: &str) -> Task {
+async fn next_task(c: &mut Client, worker: &str) -> Task {
     c.next_task(pb::NextTaskRequest {
         worker_id: worker.into(),
     })
@@ -140,7 +145,7 @@ async fn next_task(c: &mut CoordinatorClient<Channel>, worker: &str) -> Task {
     .unwrap()
 }
 
-async fn heartbeat(c: &mut CoordinatorClient<Channel>, worker: &str) -> Result<u64, Status> {
+async fn heartbeat(c: &mut Client, worker: &str) -> Result<u64, Status> {
     c.heartbeat(pb::HeartbeatRequest {
         worker_id: worker.into(),
     })
@@ -149,7 +154,7 @@ async fn heartbeat(c: &mut CoordinatorClient<Channel>, worker: &str) -> Result<u
 }
 
 /// Heartbeats every 150 ms for `duration`: keeps a worker alive while time passes.
-async fn stay_alive(c: &mut CoordinatorClient<Channel>, worker: &str, duration: Duration) {
+async fn stay_alive(c: &mut Client, worker: &str, duration: Duration) {
     let until = tokio::time::Instant::now() + duration;
     while tokio::time::Instant::now() < until {
         heartbeat(c, worker).await.unwrap();
@@ -159,7 +164,7 @@ async fn stay_alive(c: &mut CoordinatorClient<Channel>, worker: &str, duration: 
 
 /// Asks for tasks until the coordinator has published `version` (a train
 /// task from it, or the final evaluation of it), within [`WAIT`].
-async fn wait_for_version(c: &mut CoordinatorClient<Channel>, worker: &str, version: u64) {
+async fn wait_for_version(c: &mut Client, worker: &str, version: u64) {
     let waited = tokio::time::timeout(WAIT, async {
         loop {
             match next_task(c, worker).await {
@@ -173,11 +178,7 @@ async fn wait_for_version(c: &mut CoordinatorClient<Channel>, worker: &str, vers
     assert!(waited.is_ok(), "version {version} was not published");
 }
 
-async fn pull(
-    c: &mut CoordinatorClient<Channel>,
-    worker: &str,
-    version: u64,
-) -> Result<Vec<f32>, Status> {
+async fn pull(c: &mut Client, worker: &str, version: u64) -> Result<Vec<f32>, Status> {
     let mut stream = c
         .pull_params(pb::PullParamsRequest {
             base: false,
@@ -256,7 +257,7 @@ fn whole_push(
 }
 
 async fn push(
-    c: &mut CoordinatorClient<Channel>,
+    c: &mut Client,
     messages: Vec<pb::UpdateChunk>,
 ) -> Result<pb::PushUpdateResponse, Status> {
     c.push_update(tokio_stream::iter(messages))
@@ -293,8 +294,8 @@ fn deltas(layout: &ParamLayout) -> (Vec<f32>, Vec<f32>) {
 /// Two joined workers, both told to train round 1 from version 0.
 struct RoundOne {
     layout: ParamLayout,
-    a: CoordinatorClient<Channel>,
-    b: CoordinatorClient<Channel>,
+    a: Client,
+    b: Client,
     wa: String,
     wb: String,
     initial: Vec<f32>,
@@ -416,11 +417,17 @@ async fn raw_client(addr: &str) -> tonic::client::Grpc<Channel> {
     grpc
 }
 
-async fn raw_push(addr: &str, messages: Vec<Bytes>) -> Result<pb::PushUpdateResponse, Status> {
+/// A push of hand-encoded messages with the session token of `session`'s worker.
+async fn raw_push(
+    addr: &str,
+    session: &str,
+    messages: Vec<Bytes>,
+) -> Result<pb::PushUpdateResponse, Status> {
     let mut grpc = raw_client(addr).await;
+    let request = tonic::Request::new(tokio_stream::iter(messages));
     let response = grpc
         .client_streaming(
-            tonic::Request::new(tokio_stream::iter(messages)),
+            cohort_proto::session::with_bearer(request, session)?,
             PathAndQuery::from_static("/cohort.v1.Coordinator/PushUpdate"),
             RawCodec,
         )
@@ -537,7 +544,7 @@ async fn a_malformed_protobuf_message_is_refused_with_internal_and_the_round_com
     let mut pushed = good.clone();
     pushed[2] = Bytes::from(wrong_type);
     assert_refused(
-        raw_push(&running.addr, pushed).await,
+        raw_push(&running.addr, r.a.session_token(), pushed).await,
         Code::Internal,
         "failed to decode",
     );
@@ -550,7 +557,7 @@ async fn a_malformed_protobuf_message_is_refused_with_internal_and_the_round_com
         0,
     ]);
     assert_refused(
-        raw_push(&running.addr, truncated).await,
+        raw_push(&running.addr, r.a.session_token(), truncated).await,
         Code::Internal,
         "failed to decode",
     );
@@ -575,7 +582,9 @@ async fn a_malformed_protobuf_message_is_refused_with_internal_and_the_round_com
             Bytes::from(m)
         })
         .collect();
-    let receipt = raw_push(&running.addr, with_unknown).await.unwrap();
+    let receipt = raw_push(&running.addr, r.a.session_token(), with_unknown)
+        .await
+        .unwrap();
     assert_eq!((receipt.received, receipt.expected), (1, 2));
     push(&mut r.b, whole_push(&r.layout, &r.wb, 1, 0, &delta_b))
         .await

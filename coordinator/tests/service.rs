@@ -2,6 +2,9 @@
 //! bad push is refused with the right status and leaves the round intact; a
 //! clean round then commits exactly the expected parameters.
 
+#[path = "support/session_client.rs"]
+mod session_client;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,8 +16,7 @@ use cohort_core::codec::{encode, DType};
 use cohort_core::params::ParamLayout;
 use cohort_proto::v1 as pb;
 use futures::StreamExt;
-use pb::coordinator_client::CoordinatorClient;
-use tonic::transport::Channel;
+use session_client::Client;
 use tonic::Code;
 
 const MAX_CHUNK_BYTES: usize = 1024;
@@ -91,11 +93,11 @@ async fn start(plan: JobPlan) -> Running {
     }
 }
 
-async fn client(addr: &str) -> CoordinatorClient<Channel> {
-    CoordinatorClient::connect(addr.to_string()).await.unwrap()
+async fn client(addr: &str) -> Client {
+    Client::connect(addr).await
 }
 
-async fn join(c: &mut CoordinatorClient<Channel>) -> (String, pb::JobSpec) {
+async fn join(c: &mut Client) -> (String, pb::JobSpec) {
     let info = pb::WorkerInfo {
         hostname: "test".into(),
         device: "cpu".into(),
@@ -110,13 +112,11 @@ async fn join(c: &mut CoordinatorClient<Channel>) -> (String, pb::JobSpec) {
         .await
         .unwrap()
         .into_inner();
+    c.remember(&response);
     (response.worker_id, response.job.unwrap())
 }
 
-async fn next_task(
-    c: &mut CoordinatorClient<Channel>,
-    worker: &str,
-) -> pb::next_task_response::Task {
+async fn next_task(c: &mut Client, worker: &str) -> pb::next_task_response::Task {
     c.next_task(pb::NextTaskRequest {
         worker_id: worker.into(),
     })
@@ -127,11 +127,7 @@ async fn next_task(
     .unwrap()
 }
 
-async fn pull(
-    c: &mut CoordinatorClient<Channel>,
-    worker: &str,
-    version: u64,
-) -> Result<Vec<f32>, tonic::Status> {
+async fn pull(c: &mut Client, worker: &str, version: u64) -> Result<Vec<f32>, tonic::Status> {
     let mut stream = c
         .pull_params(pb::PullParamsRequest {
             base: false,
@@ -200,7 +196,7 @@ fn chunks(layout: &ParamLayout, values: &[f32]) -> Vec<pb::UpdateChunk> {
 }
 
 async fn push(
-    c: &mut CoordinatorClient<Channel>,
+    c: &mut Client,
     messages: Vec<pb::UpdateChunk>,
 ) -> Result<pb::PushUpdateResponse, tonic::Status> {
     c.push_update(tokio_stream::iter(messages))
@@ -575,6 +571,95 @@ async fn a_push_that_stalls_is_discarded_after_the_chunk_timeout() {
     let receipt = push(
         &mut a,
         [vec![header(&wa, 1, 0, pb::DType::DtypeF32)], good].concat(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(receipt.received, 2);
+}
+
+#[tokio::test]
+async fn a_worker_cannot_heartbeat_pull_or_push_as_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = plan(dir.path(), "");
+    let layout = ParamLayout::new(&plan.engine.tensors);
+    let running = start(plan).await;
+    let mut a = client(&running.addr).await;
+    let mut b = client(&running.addr).await;
+    let (wa, _) = join(&mut a).await;
+    let (wb, _) = join(&mut b).await;
+    let pb::next_task_response::Task::Train(task) = next_task(&mut a, &wa).await else {
+        panic!("no train task")
+    };
+    next_task(&mut b, &wb).await;
+    let good = chunks(&layout, &vec![0.01; layout.total()]);
+    let as_a = || {
+        [
+            vec![header(&wa, task.round, task.version, pb::DType::DtypeF32)],
+            good.clone(),
+        ]
+        .concat()
+    };
+
+    // b, with its own session, names a's worker id.
+    let denied = "worker id does not match its session";
+    assert_refused(
+        b.heartbeat(pb::HeartbeatRequest {
+            worker_id: wa.clone(),
+        })
+        .await,
+        Code::PermissionDenied,
+        denied,
+    );
+    assert_refused(
+        b.next_task(pb::NextTaskRequest {
+            worker_id: wa.clone(),
+        })
+        .await,
+        Code::PermissionDenied,
+        denied,
+    );
+    assert_refused(pull(&mut b, &wa, 0).await, Code::PermissionDenied, denied);
+    assert_refused(push(&mut b, as_a()).await, Code::PermissionDenied, denied);
+    assert_refused(
+        b.report_eval(pb::ReportEvalRequest {
+            worker_id: wa.clone(),
+            version: 0,
+            loss: 1.0,
+            tokens: 1,
+        })
+        .await,
+        Code::PermissionDenied,
+        denied,
+    );
+    // A made-up token and no token at all fare no better.
+    let mut forger = client(&running.addr).await;
+    forger.use_session(&"0".repeat(64));
+    assert_refused(
+        forger
+            .heartbeat(pb::HeartbeatRequest {
+                worker_id: wa.clone(),
+            })
+            .await,
+        Code::PermissionDenied,
+        denied,
+    );
+    let mut anonymous = client(&running.addr).await;
+    assert_refused(
+        pull(&mut anonymous, &wa, 0).await,
+        Code::Unauthenticated,
+        "no session token",
+    );
+
+    // Nothing changed: a's push is still its own to make, and is accepted.
+    let receipt = push(&mut a, as_a()).await.unwrap();
+    assert_eq!((receipt.received, receipt.expected), (1, 2));
+    let receipt = push(
+        &mut b,
+        [
+            vec![header(&wb, task.round, task.version, pb::DType::DtypeF32)],
+            good.clone(),
+        ]
+        .concat(),
     )
     .await
     .unwrap();

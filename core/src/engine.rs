@@ -45,7 +45,7 @@ use crate::aggregate::{Accumulator, FoldError};
 use crate::clip::update_norm_bound;
 use crate::codec::DType;
 use crate::federated::{FederatedRoundSummary, FederatedRules, FederatedRulesError};
-use crate::ids::{RoundId, ShardId, Version, WorkerId};
+use crate::ids::{RoundId, SessionDigest, ShardId, Version, WorkerId};
 use crate::model::TensorSpec;
 use crate::outer::{OuterOptimizer, OuterOptimizerConfig};
 use crate::params::ParamLayout;
@@ -127,6 +127,10 @@ pub enum EngineConfigError {
 pub enum EngineError {
     #[error("unknown worker {0} (never joined, or its lease expired)")]
     UnknownWorker(WorkerId),
+    #[error("worker id does not match its session: {0} joined with another session token")]
+    SessionMismatch(WorkerId),
+    #[error("no session token for worker {0}: send the session token that Join returned (authorization: Bearer <token>)")]
+    MissingSession(WorkerId),
     #[error("stale round: push is for {got}, the current round is {current}")]
     StaleRound { got: RoundId, current: String },
     #[error("stale version: {got} requested, the current version is {current}")]
@@ -300,6 +304,10 @@ pub struct WorkerInfo {
     /// The enrolled client this worker speaks for (federated jobs); a client
     /// that joins again replaces its previous membership.
     pub client: Option<String>,
+    /// The digest of the session token the coordinator issued at this join:
+    /// every later call must present the token ([`RoundEngine::authenticate`]).
+    /// `None`: no session was issued, so no call authenticates.
+    pub session: Option<SessionDigest>,
 }
 
 /// Training statistics a worker reports with its push.
@@ -730,6 +738,28 @@ impl RoundEngine {
         self.events.push(Event::WorkerJoined { worker, info });
         self.maybe_start_round(now);
         (worker, self.config.lease)
+    }
+
+    /// Checks that `session` is the one `worker` joined with: the worker's
+    /// identity is bound to its lease, so one worker cannot speak for another.
+    /// An unknown worker is [`EngineError::UnknownWorker`] whatever the
+    /// session (it joins again); nothing changes either way.
+    pub fn authenticate(
+        &self,
+        worker: WorkerId,
+        session: Option<&SessionDigest>,
+    ) -> Result<(), EngineError> {
+        let entry = self
+            .workers
+            .get(&worker)
+            .ok_or(EngineError::UnknownWorker(worker))?;
+        let Some(session) = session else {
+            return Err(EngineError::MissingSession(worker));
+        };
+        match &entry.info.session {
+            Some(issued) if issued == session => Ok(()),
+            _ => Err(EngineError::SessionMismatch(worker)),
+        }
     }
 
     /// Renews the worker's lease.
@@ -2006,6 +2036,36 @@ mod tests {
             (summary.participants, summary.tokens, summary.bytes_pushed),
             (2, 128, 48)
         );
+    }
+
+    #[test]
+    fn a_worker_authenticates_only_with_its_own_session() {
+        let t0 = Instant::now();
+        let mut e = engine(config(), 4);
+        let joined = |session: u8| WorkerInfo {
+            session: Some(SessionDigest([session; 32])),
+            ..WorkerInfo::default()
+        };
+        let (a, _) = e.join(joined(1), t0);
+        let (b, _) = e.join(joined(2), t0);
+        assert_eq!(e.authenticate(a, Some(&SessionDigest([1; 32]))), Ok(()));
+        assert_eq!(
+            e.authenticate(a, Some(&SessionDigest([2; 32]))),
+            Err(EngineError::SessionMismatch(a)),
+            "b's session does not speak for a"
+        );
+        assert_eq!(e.authenticate(a, None), Err(EngineError::MissingSession(a)));
+        assert_eq!(
+            e.authenticate(WorkerId(99), Some(&SessionDigest([1; 32]))),
+            Err(EngineError::UnknownWorker(WorkerId(99)))
+        );
+        let (c, _) = e.join(WorkerInfo::default(), t0);
+        assert_eq!(
+            e.authenticate(c, Some(&SessionDigest::default())),
+            Err(EngineError::SessionMismatch(c)),
+            "a worker that was issued no session authenticates with none"
+        );
+        assert_eq!(e.authenticate(b, Some(&SessionDigest([2; 32]))), Ok(()));
     }
 
     #[test]

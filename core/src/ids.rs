@@ -43,3 +43,43 @@ impl WorkerId {
         text.strip_prefix('w')?.parse().ok().map(WorkerId)
     }
 }
+
+/// The SHA-256 digest of the secret session token a worker received when it
+/// joined. The coordinator keeps only this, never the token; the digest is
+/// compared in constant time and never printed.
+#[derive(Clone, Copy, Default)]
+pub struct SessionDigest(pub [u8; 32]);
+
+impl PartialEq for SessionDigest {
+    /// Constant time: how many leading bytes match is not observable.
+    fn eq(&self, other: &SessionDigest) -> bool {
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl Eq for SessionDigest {}
+
+impl fmt::Debug for SessionDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionDigest(..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_digests_compare_by_every_byte_and_never_print() {
+        let a = SessionDigest([7; 32]);
+        let mut last_differs = [7; 32];
+        last_differs[31] = 8;
+        assert_eq!(a, SessionDigest([7; 32]));
+        assert_ne!(a, SessionDigest(last_differs));
+        assert_eq!(format!("{a:?}"), "SessionDigest(..)");
+    }
+}

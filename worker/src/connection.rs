@@ -9,9 +9,11 @@ use std::time::Duration;
 use cohort_core::codec::{self, DType};
 use cohort_core::params::ParamLayout;
 use cohort_core::rng::SplitMix64;
+use cohort_proto::session::SessionAuth;
 use cohort_proto::v1 as pb;
 use futures::{Stream, StreamExt};
 use pb::coordinator_client::CoordinatorClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{debug, error, warn, Instrument};
@@ -24,7 +26,8 @@ pub use cohort_proto::HTTP2_MAX_FRAME_SIZE;
 /// Largest gRPC message the client encodes or decodes; chunks are far smaller.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-type Client = CoordinatorClient<Channel>;
+/// Every call carries the session token of the worker's current membership.
+type Client = CoordinatorClient<InterceptedService<Channel, SessionAuth>>;
 
 /// Exponential backoff with jitter for transient failures (UNAVAILABLE, dropped connections).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -371,6 +374,8 @@ impl Heartbeat {
 pub struct Connection {
     url: String,
     client: Client,
+    /// The session token the last join returned, sent by `client` and its clones.
+    session: SessionAuth,
     retry: RetryPolicy,
     rng: Mutex<SplitMix64>,
 }
@@ -399,7 +404,8 @@ impl Connection {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
         let channel = endpoint.connect_lazy();
-        let client = CoordinatorClient::new(channel)
+        let session = SessionAuth::default();
+        let client = CoordinatorClient::with_interceptor(channel, session.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let seed = std::time::SystemTime::now()
@@ -409,6 +415,7 @@ impl Connection {
         Ok(Connection {
             url: url.to_string(),
             client,
+            session,
             retry,
             rng: Mutex::new(SplitMix64::new(seed)),
         })
@@ -464,13 +471,23 @@ impl Connection {
         }
     }
 
-    /// Joins (with retries); the caller validates the job.
+    /// Joins (with retries) and sends the new session's token on every later call; the
+    /// caller validates the job.
     pub(crate) async fn join(&self, request: pb::JoinRequest) -> Result<pb::JoinResponse, Failure> {
-        self.call("join", |mut c| {
-            let request = request.clone();
-            async move { c.join(request).await.map(tonic::Response::into_inner) }
-        })
-        .await
+        let response = self
+            .call("join", |mut c| {
+                let request = request.clone();
+                async move { c.join(request).await.map(tonic::Response::into_inner) }
+            })
+            .await?;
+        self.session
+            .set(&response.session_token)
+            .map_err(|status| Failure {
+                op: "join",
+                status: Status::data_loss(format!("unusable session token: {}", status.message())),
+                attempts: None,
+            })?;
+        Ok(response)
     }
 
     /// Asks for the next task (with retries).

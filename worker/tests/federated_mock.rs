@@ -155,6 +155,7 @@ impl Coordinator for Mock {
             lease_ms: 10_000,
             heartbeat_interval_ms: 50,
             job: Some(self.job.clone()),
+            session_token: String::new(),
         }))
     }
 

@@ -1,4 +1,5 @@
 //! Runs the worker's gRPC loop against an in-process mock coordinator: retries, re-join, train, push, eval, done.
+//! Every call after a join must carry that join's session token.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -82,6 +83,11 @@ struct Record {
     eval: Option<(u64, f64, u64)>,
 }
 
+/// The session token the mock issues at its `join_calls`-th join.
+fn session_token(join_calls: u32) -> String {
+    format!("session-{join_calls}")
+}
+
 struct Mock {
     job: pb::JobSpec,
     params: Vec<f32>,
@@ -90,6 +96,19 @@ struct Mock {
     join_failures: u32,
     script: Mutex<VecDeque<Scripted>>,
     record: Arc<Mutex<Record>>,
+}
+
+impl Mock {
+    /// Refuses a call that does not carry the latest join's session token.
+    fn check_session<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let expected = session_token(self.record.lock().unwrap().join_calls);
+        match cohort_proto::session::bearer_token(request.metadata()) {
+            Some(token) if token == expected => Ok(()),
+            other => Err(Status::permission_denied(format!(
+                "session {other:?}, expected {expected}"
+            ))),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -114,21 +133,24 @@ impl Coordinator for Mock {
             lease_ms: 10_000,
             heartbeat_interval_ms: 20,
             job: Some(self.job.clone()),
+            session_token: session_token(record.join_calls),
         }))
     }
 
     async fn heartbeat(
         &self,
-        _request: Request<pb::HeartbeatRequest>,
+        request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.check_session(&request)?;
         self.record.lock().unwrap().heartbeats += 1;
         Ok(Response::new(pb::HeartbeatResponse { lease_ms: 10_000 }))
     }
 
     async fn next_task(
         &self,
-        _request: Request<pb::NextTaskRequest>,
+        request: Request<pb::NextTaskRequest>,
     ) -> Result<Response<pb::NextTaskResponse>, Status> {
+        self.check_session(&request)?;
         let next = self.script.lock().unwrap().pop_front();
         match next {
             Some(Scripted::Task(task)) => {
@@ -150,6 +172,7 @@ impl Coordinator for Mock {
         &self,
         request: Request<pb::PullParamsRequest>,
     ) -> Result<Response<Self::PullParamsStream>, Status> {
+        self.check_session(&request)?;
         let version = request.into_inner().version;
         if version != 1 {
             return Err(Status::failed_precondition(format!(
@@ -178,6 +201,7 @@ impl Coordinator for Mock {
         &self,
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::PushUpdateResponse>, Status> {
+        self.check_session(&request)?;
         let mut stream = request.into_inner();
         let mut header = None;
         let mut chunks = Vec::new();
@@ -223,6 +247,7 @@ impl Coordinator for Mock {
         &self,
         request: Request<pb::ReportEvalRequest>,
     ) -> Result<Response<pb::ReportEvalResponse>, Status> {
+        self.check_session(&request)?;
         let r = request.into_inner();
         self.record.lock().unwrap().eval = Some((r.version, r.loss, r.tokens));
         Ok(Response::new(pb::ReportEvalResponse {}))

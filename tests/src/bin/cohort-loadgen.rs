@@ -18,9 +18,11 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use cohort_core::codec::{self, DType};
 use cohort_core::rng::SplitMix64;
+use cohort_proto::session::SessionAuth;
 use cohort_proto::v1 as pb;
 use futures::StreamExt;
 use pb::coordinator_client::CoordinatorClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -200,11 +202,15 @@ enum Stop {
     Fail(String),
 }
 
+/// A client's gRPC handle: every call carries the session of its last join.
+type Grpc = CoordinatorClient<InterceptedService<Channel, SessionAuth>>;
+
 struct Client {
     index: usize,
     cli: Arc<Cli>,
     stats: Arc<Stats>,
-    grpc: CoordinatorClient<Channel>,
+    grpc: Grpc,
+    session: SessionAuth,
     deadline: tokio::time::Instant,
     pushes: u64,
     pull_limit: Option<Arc<tokio::sync::Semaphore>>,
@@ -231,7 +237,7 @@ impl Client {
     /// failure is counted under `op`.
     async fn call<T, F, Fut>(&self, op: &'static str, mut f: F) -> Result<T, Status>
     where
-        F: FnMut(CoordinatorClient<Channel>) -> Fut,
+        F: FnMut(Grpc) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let mut attempt = 0;
@@ -302,6 +308,7 @@ impl Client {
                 async move { c.join(request).await.map(tonic::Response::into_inner) }
             })
             .await?;
+        self.session.set(&response.session_token)?;
         let job = response
             .job
             .as_ref()
@@ -588,7 +595,7 @@ async fn validate_params(
 
 #[allow(clippy::too_many_arguments)]
 async fn heartbeat_loop(
-    mut client: CoordinatorClient<Channel>,
+    mut client: Grpc,
     worker_id: String,
     interval: Duration,
     lease: Duration,
@@ -676,7 +683,8 @@ async fn main() -> ExitCode {
     let mut tasks = Vec::with_capacity(cli.clients);
     for index in 0..cli.clients {
         // One connection per client: `connect_lazy` on the endpoint opens a new one.
-        let grpc = CoordinatorClient::new(endpoint.connect_lazy())
+        let session = SessionAuth::default();
+        let grpc = CoordinatorClient::with_interceptor(endpoint.connect_lazy(), session.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let client = Client {
@@ -684,6 +692,7 @@ async fn main() -> ExitCode {
             cli: cli.clone(),
             stats: stats.clone(),
             grpc,
+            session,
             deadline,
             pushes: 0,
             pull_limit: pull_limit.clone(),
