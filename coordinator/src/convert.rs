@@ -231,3 +231,79 @@ fn federated_spec_to_proto(plan: &JobPlan, f: &FederatedPlan) -> pb::FederatedSp
         base_tensors: tensor_specs_to_proto(&f.base_tensors),
     }
 }
+
+/// The Status RPC's answer: the engine's view (phase, round, workers,
+/// privacy) with this process's progress (last round, rate, ETA).
+pub fn status_to_proto(
+    job_name: &str,
+    engine: &cohort_core::engine::RoundEngine,
+    progress: &crate::observe::Progress,
+    now: std::time::Instant,
+) -> pb::StatusResponse {
+    let config = engine.config();
+    let committed = engine.committed_rounds();
+    let privacy = config
+        .federated
+        .as_ref()
+        .and_then(|f| f.budget.as_ref())
+        .map(|budget| {
+            let ledger = engine.privacy_ledger();
+            let spent = ledger
+                .epsilon(budget.delta)
+                .map_or(0.0, |report| report.epsilon);
+            pb::PrivacyStatus {
+                epsilon_spent: spent,
+                epsilon_budget: budget.epsilon,
+                epsilon_remaining: (budget.epsilon - spent).max(0.0),
+                delta: budget.delta,
+                rounds_charged: ledger.rounds(),
+            }
+        });
+    let eta_seconds = (config.max_rounds > 0 && !engine.is_finished())
+        .then(|| progress.eta(config.max_rounds.saturating_sub(committed), now))
+        .flatten()
+        .map(|eta| eta.as_secs_f64());
+    pb::StatusResponse {
+        job_name: job_name.to_string(),
+        phase: engine.phase_name().to_string(),
+        federated: config.federated.is_some(),
+        current_round: engine.current_round().map_or(0, |r| r.0),
+        version: engine.version().0,
+        committed_rounds: committed,
+        max_rounds: config.max_rounds,
+        max_epochs: config.max_epochs,
+        epochs_completed: engine.epochs_completed(),
+        workers: engine
+            .worker_statuses(now)
+            .iter()
+            .map(worker_status_to_proto)
+            .collect(),
+        last_round: progress.last_round.as_ref().map_or(0, |r| r.round),
+        last_mean_loss: progress.last_round.as_ref().map(|r| r.mean_loss),
+        last_eval_loss: progress.latest_eval_loss,
+        privacy,
+        rounds_per_second: progress.rounds_per_second(now),
+        eta_seconds,
+    }
+}
+
+fn worker_status_to_proto(status: &cohort_core::engine::WorkerStatus) -> pb::WorkerStatus {
+    use cohort_core::engine::WorkerActivity;
+    let (state, round) = match status.activity {
+        WorkerActivity::Idle => (pb::WorkerState::Idle, 0),
+        WorkerActivity::Training { round } => (pb::WorkerState::Training, round.0),
+        WorkerActivity::Pushing { round } => (pb::WorkerState::Pushing, round.0),
+        WorkerActivity::Pushed { round } => (pb::WorkerState::Pushed, round.0),
+        WorkerActivity::Evaluating { .. } => (pb::WorkerState::Evaluating, 0),
+        WorkerActivity::Released => (pb::WorkerState::Released, 0),
+    };
+    pb::WorkerStatus {
+        worker_id: status.worker.to_string(),
+        hostname: status.hostname.clone(),
+        device: status.device.clone(),
+        state: state as i32,
+        round,
+        lease_remaining_ms: status.lease_remaining.as_millis() as u64,
+        client: status.client.clone().unwrap_or_default(),
+    }
+}

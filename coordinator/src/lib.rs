@@ -9,6 +9,9 @@
 //! - [`server`]: runs a job on a bound listener until it ends.
 //! - [`service`]: the tonic service, thin adapters over the engine.
 //! - [`actor`]: the single owner of the round engine, and its handle.
+//! - [`observe`]: Prometheus metrics (`/metrics`) and run progress.
+//! - [`status`]: the `status` subcommand: the Status RPC as a table or JSON.
+//! - [`plot`]: the `plot` subcommand: loss and epsilon curves from `metrics.jsonl`.
 //! - [`convert`]: wire types to domain types, domain errors to gRPC statuses.
 //! - [`planning`]: the `privacy` planning subcommand (epsilon for sigma, sigma for epsilon).
 //! - [`checkpoint`]: safetensors checkpoints and run records.
@@ -26,7 +29,10 @@ pub mod convert;
 pub mod data;
 pub mod federated_data;
 pub mod hf;
+pub mod observe;
+pub mod plot;
 pub mod planning;
 pub mod server;
 pub mod service;
+pub mod status;
 pub mod store;

@@ -10,7 +10,7 @@ use cohort_coordinator::config::JobFile;
 use cohort_coordinator::data::{prepare, PrepareOptions, TokenizerKind};
 use cohort_coordinator::federated_data::{self, FederatedOptions};
 use cohort_coordinator::planning::{self, PrivacyQuestion};
-use cohort_coordinator::server;
+use cohort_coordinator::{plot, server, status};
 use tracing::{error, info};
 
 #[derive(Parser, Debug)]
@@ -59,6 +59,34 @@ enum Command {
         /// (the default is to resume from them).
         #[arg(long, env = "COHORT_FRESH")]
         fresh: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP; off
+        /// when unset).
+        #[arg(long, env = "COHORT_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
+    },
+    /// The live job at a glance: round, workers and their state, last
+    /// losses, privacy spent and left, ETA (the coordinator's Status RPC).
+    Status {
+        /// The coordinator's gRPC URL.
+        #[arg(
+            long,
+            env = "COHORT_COORDINATOR",
+            default_value = "http://127.0.0.1:50051"
+        )]
+        coordinator: String,
+        /// Print one JSON object instead of a table.
+        #[arg(long, env = "COHORT_JSON")]
+        json: bool,
+    },
+    /// Draws a run's loss curves (and epsilon spent, for federated jobs with
+    /// DP) from its metrics.jsonl to an SVG file.
+    Plot {
+        /// The run directory holding metrics.jsonl.
+        #[arg(long, env = "COHORT_RUN_DIR")]
+        run_dir: PathBuf,
+        /// The image to write (.svg).
+        #[arg(long, env = "COHORT_PLOT_OUT")]
+        out: PathBuf,
     },
     /// Tokenises text files into token shards and a manifest.
     Prepare {
@@ -287,6 +315,7 @@ async fn run_job(
     data_dir: Option<PathBuf>,
     run_dir: Option<PathBuf>,
     fresh: bool,
+    metrics_listen: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     // Everything is validated before a port is bound.
     let mut file = JobFile::load(&job)?;
@@ -305,12 +334,24 @@ async fn run_job(
         cohort_coordinator::data::write_atomically(&path, bound.to_string().as_bytes())
             .with_context(|| format!("cannot write the address file {}", path.display()))?;
     }
+    let metrics_listener = match metrics_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {address}"))?,
+        ),
+        None => None,
+    };
     let mode = if fresh {
         server::StartMode::Fresh
     } else {
         server::StartMode::Resume
     };
-    let outcome = server::run_with(listener, plan, shutdown_signal(), mode).await?;
+    let options = server::RunOptions {
+        mode,
+        metrics_listener,
+    };
+    let outcome = server::run_with_options(listener, plan, shutdown_signal(), options).await?;
     match (&outcome.checkpoint, outcome.final_eval_loss) {
         (Some(path), Some(loss)) => info!(
             version = outcome.version.0,
@@ -337,13 +378,38 @@ fn main() -> ExitCode {
             data_dir,
             run_dir,
             fresh,
+            metrics_listen,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("cannot start the tokio runtime")
             .and_then(|runtime| {
-                runtime.block_on(run_job(job, listen, addr_file, data_dir, run_dir, fresh))
+                runtime.block_on(run_job(
+                    job,
+                    listen,
+                    addr_file,
+                    data_dir,
+                    run_dir,
+                    fresh,
+                    metrics_listen,
+                ))
             }),
+        Command::Status { coordinator, json } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime")
+            .and_then(|runtime| {
+                let response = runtime.block_on(status::fetch(&coordinator))?;
+                if json {
+                    println!("{}", status::to_json(&response));
+                } else {
+                    print!("{}", status::render_table(&response));
+                }
+                Ok(())
+            }),
+        Command::Plot { run_dir, out } => plot::plot_run(&run_dir, &out)
+            .map_err(anyhow::Error::from)
+            .map(|rounds| info!(out = %out.display(), rounds, "plot written")),
         Command::Privacy {
             noise_multiplier,
             target_epsilon,

@@ -30,6 +30,7 @@ use tracing::{info, warn};
 use crate::actor::{self, JobOutcome, SharedStore};
 use crate::config::JobPlan;
 use crate::convert::job_spec_to_proto;
+use crate::observe::{self, Observer};
 use crate::service::CoordinatorService;
 use crate::store::{JobIdentity, RunStore, StoreError};
 
@@ -41,6 +42,14 @@ pub enum StartMode {
     Resume,
     /// Refuse to start if the run directory holds checkpoints.
     Fresh,
+}
+
+/// How [`run_with_options`] runs a job, beyond the plan.
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    pub mode: StartMode,
+    /// Serve Prometheus metrics at `/metrics` on this listener (plain HTTP).
+    pub metrics_listener: Option<TcpListener>,
 }
 
 pub use cohort_proto::HTTP2_MAX_FRAME_SIZE;
@@ -239,6 +248,21 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     mode: StartMode,
 ) -> Result<JobOutcome, ServeError> {
+    let options = RunOptions {
+        mode,
+        ..RunOptions::default()
+    };
+    run_with_options(listener, plan, shutdown, options).await
+}
+
+/// [`run`] with every option: the start mode, and a listener for metrics.
+pub async fn run_with_options(
+    listener: TcpListener,
+    plan: JobPlan,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    options: RunOptions,
+) -> Result<JobOutcome, ServeError> {
+    let mode = options.mode;
     std::fs::create_dir_all(&plan.run_dir).map_err(|source| ServeError::RunDir {
         path: plan.run_dir.clone(),
         source,
@@ -246,9 +270,15 @@ pub async fn run_with(
     let (engine, store) = open_engine(&plan, mode)?;
     let plan = Arc::new(plan);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (handle, actor_task) =
-        actor::spawn(engine, plan.clone(), Some(SharedStore::new(store)), stop_rx);
-    let service = CoordinatorService::new(handle, plan.clone());
+    let observer = Observer::new(tokio::time::Instant::now().into_std());
+    let (handle, actor_task) = actor::spawn(
+        engine,
+        plan.clone(),
+        Some(SharedStore::new(store)),
+        stop_rx,
+        Arc::clone(&observer),
+    );
+    let service = CoordinatorService::new(handle, plan.clone(), Arc::clone(&observer));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -256,6 +286,22 @@ pub async fn run_with(
         .await;
 
     let (done_tx, mut done_rx) = watch::channel(false);
+    // Metrics are served until the gRPC server has stopped.
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = options.metrics_listener.map(|metrics_listener| {
+        let address = metrics_listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        info!(address = %address, "serving Prometheus metrics at /metrics");
+        tokio::spawn(observe::serve_metrics(
+            metrics_listener,
+            Arc::clone(&observer),
+            async move {
+                let _ = metrics_stopped.await;
+            },
+        ))
+    });
     let actor_task = tokio::spawn(async move {
         let outcome = actor_task.await;
         let _ = done_tx.send(true);
@@ -307,6 +353,14 @@ pub async fn run_with(
         .add_service(health_service)
         .serve_with_incoming_shutdown(incoming, server_stop)
         .await?;
+    let _ = metrics_stop.send(());
+    if let Some(task) = metrics_task {
+        match task.await {
+            Ok(Err(e)) => warn!(error = %e, "the metrics endpoint failed"),
+            Err(e) => warn!(error = %e, "the metrics endpoint panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
     Ok(actor_task.await??)
 }
 

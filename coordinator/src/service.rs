@@ -21,8 +21,9 @@ use crate::actor::EngineHandle;
 use crate::config::JobPlan;
 use crate::convert::{
     dtype_from_proto, job_spec_to_proto, push_header_from_proto, status_from_codec,
-    status_from_engine, task_to_proto, worker_id, worker_info_from_proto,
+    status_from_engine, status_to_proto, task_to_proto, worker_id, worker_info_from_proto,
 };
+use crate::observe::Observer;
 
 pub struct CoordinatorService {
     engine: EngineHandle,
@@ -37,13 +38,19 @@ pub struct CoordinatorService {
     pull_permits: Arc<Semaphore>,
     /// The frozen base model of a LoRA job, with its layout.
     base: Option<(Arc<ParamLayout>, Arc<Vec<f32>>)>,
+    /// The run's progress as the actor records it (for Status).
+    observer: Arc<Observer>,
 }
 
 /// How many pulls stream at the same time; the others wait their turn.
 pub const CONCURRENT_PULLS: usize = 4;
 
 impl CoordinatorService {
-    pub fn new(engine: EngineHandle, plan: Arc<JobPlan>) -> CoordinatorService {
+    pub fn new(
+        engine: EngineHandle,
+        plan: Arc<JobPlan>,
+        observer: Arc<Observer>,
+    ) -> CoordinatorService {
         let base = plan.federated.as_ref().and_then(|f| {
             f.base_params.as_ref().map(|params| {
                 (
@@ -60,6 +67,7 @@ impl CoordinatorService {
             fold_permit: Arc::new(Semaphore::new(1)),
             pull_permits: Arc::new(Semaphore::new(CONCURRENT_PULLS)),
             base,
+            observer,
         }
     }
 
@@ -436,5 +444,20 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         })
         .await?;
         Ok(Response::new(pb::ReportEvalResponse {}))
+    }
+
+    /// The job at a glance for operators: read-only, it changes nothing.
+    #[instrument(skip_all)]
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let progress = self.observer.progress();
+        let name = self.plan.name.clone();
+        let status = self
+            .engine
+            .call(move |engine, now| status_to_proto(&name, engine, &progress, now))
+            .await?;
+        Ok(Response::new(status))
     }
 }

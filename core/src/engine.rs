@@ -182,6 +182,33 @@ pub enum EngineError {
     NoPendingRelease(RoundId),
 }
 
+impl EngineError {
+    /// A short, stable name for why a push was refused, for metrics labels
+    /// and dashboards (the message text may change; these do not). Errors
+    /// that never refuse a push are `"other"`.
+    pub fn rejection_code(&self) -> &'static str {
+        match self {
+            EngineError::StaleRound { .. } => "stale_round",
+            EngineError::StaleVersion { .. } => "stale_version",
+            EngineError::NotAssigned { .. } => "not_assigned",
+            EngineError::AlreadyPushed { .. } => "already_pushed",
+            EngineError::WrongDtype { .. } => "wrong_dtype",
+            EngineError::UnknownTensor { .. } => "unknown_tensor",
+            EngineError::ChunkOutOfOrder { .. } => "chunk_out_of_order",
+            EngineError::ChunkOverrunsTensor { .. } => "chunk_overruns_tensor",
+            EngineError::ChunkTooLarge { .. } => "chunk_too_large",
+            EngineError::EmptyChunk => "empty_chunk",
+            EngineError::IncompletePush { .. } => "incomplete_push",
+            EngineError::InvalidStats(_) => "invalid_stats",
+            EngineError::StreamFailed(_) => "stream_failed",
+            EngineError::UpdateNormTooLarge { .. } => "update_norm_too_large",
+            EngineError::JobFinished => "job_finished",
+            // Membership and other errors never reach a push's rejection.
+            _ => "other",
+        }
+    }
+}
+
 /// The format of [`EngineSnapshot`]; bumped when its meaning changes.
 pub const SNAPSHOT_FORMAT: u32 = 1;
 
@@ -401,6 +428,9 @@ pub enum Event {
     PushRejected {
         worker: WorkerId,
         round: Option<RoundId>,
+        /// A short, stable name for the kind of rejection (metrics label):
+        /// see [`EngineError::rejection_code`].
+        code: &'static str,
         reason: String,
     },
     RoundCommitted(RoundSummary),
@@ -441,6 +471,39 @@ pub enum Event {
         epochs: u64,
     },
 }
+
+/// What a live worker is doing, as far as the coordinator knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerActivity {
+    /// Not in the running round (or no round is running).
+    Idle,
+    /// A participant of `round` that has not pushed yet.
+    Training { round: RoundId },
+    /// Its push for `round` is being received and folded.
+    Pushing { round: RoundId },
+    /// Its update for `round` is in the sum; it waits for the round to end.
+    Pushed { round: RoundId },
+    /// Evaluating the final version.
+    Evaluating { version: Version },
+    /// Told that the job is over.
+    Released,
+}
+
+/// One live worker at a glance ([`RoundEngine::worker_statuses`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerStatus {
+    pub worker: WorkerId,
+    pub hostname: String,
+    pub device: String,
+    /// The enrolled client (federated jobs).
+    pub client: Option<String>,
+    pub activity: WorkerActivity,
+    /// Time left on its lease at `now`.
+    pub lease_remaining: Duration,
+}
+
+/// Where the job stands ([`RoundEngine::phase_name`]).
+pub const PHASE_NAMES: [&str; 4] = ["training", "final_eval", "federated_eval", "finished"];
 
 #[derive(Clone, Debug)]
 struct WorkerEntry {
@@ -679,6 +742,67 @@ impl RoundEngine {
 
     pub fn committed_rounds(&self) -> u64 {
         self.committed_rounds
+    }
+
+    /// Every live worker with what it is doing, in worker id order. Pure:
+    /// `now` only computes the leases' remaining time.
+    pub fn worker_statuses(&self, now: Instant) -> Vec<WorkerStatus> {
+        let round = self
+            .round
+            .as_ref()
+            .or(self.pending_release.as_ref().map(|p| &p.round));
+        self.workers
+            .iter()
+            .map(|(&worker, entry)| {
+                let in_round = round.and_then(|r| r.participants.get(&worker).map(|p| (r.id, p)));
+                let activity = match (&self.phase, in_round) {
+                    _ if entry.told_done => WorkerActivity::Released,
+                    (_, Some((round, p))) => match p.state {
+                        PushState::Assigned => WorkerActivity::Training { round },
+                        PushState::Pushing { .. } => WorkerActivity::Pushing { round },
+                        PushState::Pushed(_) => WorkerActivity::Pushed { round },
+                    },
+                    (Phase::FinalEval { assignee }, None)
+                        if assignee.is_some_and(|(w, _)| w == worker) =>
+                    {
+                        WorkerActivity::Evaluating {
+                            version: self.version,
+                        }
+                    }
+                    (Phase::FederatedEval { asked, reports, .. }, None)
+                        if asked.contains(&worker) && !reports.contains_key(&worker) =>
+                    {
+                        WorkerActivity::Evaluating {
+                            version: self.version,
+                        }
+                    }
+                    _ => WorkerActivity::Idle,
+                };
+                WorkerStatus {
+                    worker,
+                    hostname: entry.info.hostname.clone(),
+                    device: entry.info.device.clone(),
+                    client: entry.info.client.clone(),
+                    activity,
+                    lease_remaining: entry.lease_expires.saturating_duration_since(now),
+                }
+            })
+            .collect()
+    }
+
+    /// Where the job stands: one of [`PHASE_NAMES`].
+    pub fn phase_name(&self) -> &'static str {
+        match self.phase {
+            Phase::Training => PHASE_NAMES[0],
+            Phase::FinalEval { .. } => PHASE_NAMES[1],
+            Phase::FederatedEval { .. } => PHASE_NAMES[2],
+            Phase::Finished => PHASE_NAMES[3],
+        }
+    }
+
+    /// Complete epochs over the training shards.
+    pub fn epochs_completed(&self) -> u64 {
+        self.epochs_completed
     }
 
     /// Privacy spent so far (empty for pretraining and jobs without DP).
@@ -1213,6 +1337,7 @@ impl RoundEngine {
         self.events.push(Event::PushRejected {
             worker,
             round,
+            code: error.rejection_code(),
             reason: error.to_string(),
         });
     }
@@ -2154,6 +2279,71 @@ mod tests {
             .filter(|ev| matches!(ev, Event::PushRejected { .. }))
             .count();
         assert!(rejected >= 10, "{rejected} rejections logged");
+    }
+
+    #[test]
+    fn worker_statuses_follow_a_round_from_idle_to_pushed() {
+        let t0 = Instant::now();
+        let mut e = engine(config(), 4);
+        let named = |host: &str| WorkerInfo {
+            hostname: host.into(),
+            device: "cpu".into(),
+            ..WorkerInfo::default()
+        };
+        let (a, _) = e.join(named("a"), t0);
+        let activities = |e: &RoundEngine, now| {
+            e.worker_statuses(now)
+                .into_iter()
+                .map(|s| (s.hostname, s.activity))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            activities(&e, t0),
+            vec![("a".to_string(), WorkerActivity::Idle)]
+        );
+        let (b, _) = e.join(named("b"), t0);
+        let (round, version, _) = train_task(&mut e, a, t0);
+        train_task(&mut e, b, t0);
+        e.begin_push(b, header(round, version), t0).unwrap();
+        assert_eq!(
+            activities(&e, t0),
+            vec![
+                ("a".to_string(), WorkerActivity::Training { round }),
+                ("b".to_string(), WorkerActivity::Pushing { round }),
+            ]
+        );
+        e.abort_push(b, &EngineError::StreamFailed("test".into()));
+        push_all(&mut e, a, round, [0.0; 6], t0).unwrap();
+        let later = t0 + Duration::from_secs(4);
+        let statuses = e.worker_statuses(later);
+        assert_eq!(statuses[0].activity, WorkerActivity::Pushed { round });
+        assert_eq!(statuses[1].activity, WorkerActivity::Training { round });
+        assert_eq!(statuses[0].lease_remaining, Duration::from_secs(6));
+        assert_eq!(e.phase_name(), "training");
+    }
+
+    #[test]
+    fn rejected_pushes_carry_a_stable_code() {
+        let t0 = Instant::now();
+        let mut e = engine(config(), 4);
+        let (a, _) = e.join(WorkerInfo::default(), t0);
+        let (b, _) = e.join(WorkerInfo::default(), t0);
+        let (round, version, _) = train_task(&mut e, a, t0);
+        train_task(&mut e, b, t0);
+        e.drain_events();
+        let stale = RoundId(round.0 + 7);
+        assert!(e.begin_push(a, header(stale, version), t0).is_err());
+        e.begin_push(a, header(round, version), t0).unwrap();
+        assert!(e.push_chunk(a, 1, 0, &values(&[1.0]), 4).is_err());
+        let codes: Vec<&str> = e
+            .drain_events()
+            .into_iter()
+            .filter_map(|ev| match ev {
+                Event::PushRejected { code, .. } => Some(code),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(codes, ["stale_round", "chunk_out_of_order"]);
     }
 
     #[test]

@@ -605,7 +605,8 @@ mod tests {
     #[test]
     fn import_refuses_a_model_that_computes_something_else() {
         let base = HfGpt2Config::from_model(&ModelConfig::tiny_byte_level());
-        let cases: Vec<(Box<dyn Fn(&mut HfGpt2Config)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut HfGpt2Config)>;
+        let cases: Vec<(Change, &str)> = vec![
             (
                 Box::new(|c| c.activation_function = "relu".into()),
                 "activation_function",

@@ -6,6 +6,8 @@
 //! - [`device`]: `--device auto|cpu|cuda|cuda:N`, never falling back silently.
 //! - [`model`]: the GPT, its variables named as `cohort_core::model`'s specs.
 //! - [`lora`]: LoRA adapters on the projections, named as `lora_specs`.
+//! - [`logits`]: the model's logits for given tokens from checkpoint files (the
+//!   reference for Hugging Face exports).
 //! - [`optim`]: inner AdamW/SGD with tensor state saved as safetensors.
 //! - [`data`]: token shards and training windows.
 //! - [`text`]: a federated site's local text and its tokenization.
@@ -22,6 +24,7 @@ pub mod data;
 pub mod device;
 pub mod federated;
 pub mod job;
+pub mod logits;
 pub mod lora;
 pub mod model;
 pub mod optim;

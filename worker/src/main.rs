@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use cohort_worker::client::{self, ClientConfig, RetryPolicy};
+use cohort_worker::client::{self, ClientConfig, ClientTls, RetryPolicy};
 use cohort_worker::device::{device_name, DeviceRequest};
 use cohort_worker::federated::{self, EnrollmentToken, FederatedConfig};
 use tracing::{error, info, warn};
@@ -30,6 +30,58 @@ enum Command {
     /// Join a federated job with the site's enrollment token and fine-tune on the site's own
     /// text (DIR/train.txt, DIR/test.txt); only the clipped (and noised) update is sent.
     Federated(FederatedArgs),
+    /// Print Cohort's own logits for some tokens as JSON (`[[f32; vocab]; tokens]`), from
+    /// checkpoint files: the reference an exported model is checked against. A developer
+    /// tool (tests/tests/hf_export.rs), hidden and without COHORT_* variables: nothing
+    /// deploys it.
+    #[command(hide = true)]
+    Logits(LogitsArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ModelArg {
+    Tiny,
+    Gpt2Small,
+}
+
+#[derive(clap::Args, Debug)]
+struct LogitsArgs {
+    #[arg(long, value_enum)]
+    model: ModelArg,
+    /// The model's parameters (a Cohort checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// LoRA adapters (a Cohort checkpoint of `lora_specs`); the rank is read from the file.
+    #[arg(long, requires = "lora_alpha")]
+    lora_adapters: Option<PathBuf>,
+    #[arg(long, requires = "lora_adapters")]
+    lora_alpha: Option<f64>,
+    /// Token ids, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    tokens: Vec<i64>,
+}
+
+fn print_logits(args: LogitsArgs) -> anyhow::Result<()> {
+    use cohort_worker::logits::{logits, AdapterFile};
+    let model = match args.model {
+        ModelArg::Tiny => cohort_core::model::ModelConfig::tiny_byte_level(),
+        ModelArg::Gpt2Small => cohort_core::model::ModelConfig::gpt2_small(),
+    };
+    let adapters = args
+        .lora_adapters
+        .zip(args.lora_alpha)
+        .map(|(path, alpha)| AdapterFile { path, alpha });
+    let rows = logits(&model, &args.checkpoint, adapters.as_ref(), &args.tokens)?;
+    let json: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            // `{:?}` of an f32 is its shortest round-trip decimal.
+            let cells: Vec<String> = row.iter().map(|v| format!("{v:?}")).collect();
+            format!("[{}]", cells.join(","))
+        })
+        .collect();
+    println!("[{}]", json.join(","));
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -38,9 +90,33 @@ enum LogFormat {
     Json,
 }
 
+/// TLS to the coordinator, for an https:// coordinator URL.
+#[derive(clap::Args, Debug)]
+struct TlsArgs {
+    /// PEM CA certificates that signed the coordinator's certificate (default: the
+    /// system's trusted roots).
+    #[arg(long, value_name = "PEM", env = "COHORT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a coordinator that requires one (mutual TLS).
+    #[arg(long, value_name = "PEM", env = "COHORT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "PEM", env = "COHORT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn client_tls(&self) -> ClientTls {
+        ClientTls {
+            ca: self.tls_ca.clone(),
+            identity: self.tls_cert.clone().zip(self.tls_key.clone()),
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 struct PretrainArgs {
-    /// Coordinator address, e.g. http://127.0.0.1:50051.
+    /// Coordinator address, e.g. http://127.0.0.1:50051 (https:// for TLS).
     #[arg(long, env = "COHORT_COORDINATOR")]
     coordinator: String,
     /// Directory holding the token shards named by the coordinator.
@@ -63,6 +139,8 @@ struct PretrainArgs {
     /// (backoff 200 ms doubling to 5 s; the default waits about a minute).
     #[arg(long, env = "COHORT_RETRY_ATTEMPTS", default_value_t = RetryPolicy::default().max_attempts)]
     retry_attempts: u32,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -99,6 +177,8 @@ struct FederatedArgs {
     /// (backoff 200 ms doubling to 5 s; the default waits about a minute).
     #[arg(long, env = "COHORT_RETRY_ATTEMPTS", default_value_t = RetryPolicy::default().max_attempts)]
     retry_attempts: u32,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 fn init_tracing(format: LogFormat) {
@@ -125,6 +205,7 @@ async fn pretrain(args: PretrainArgs) -> anyhow::Result<()> {
     }
     let config = ClientConfig {
         coordinator: args.coordinator.clone(),
+        tls: args.tls.client_tls(),
         data_dir: args.data_dir,
         device,
         threads: args.threads,
@@ -189,6 +270,7 @@ async fn federated(args: FederatedArgs) -> anyhow::Result<()> {
     }
     let config = FederatedConfig {
         coordinator: args.coordinator.clone(),
+        tls: args.tls.client_tls(),
         data_dir: args.data,
         token,
         device,
@@ -227,6 +309,7 @@ fn main() -> ExitCode {
     let log_format = match &cli.command {
         Command::Pretrain(args) => args.log_format,
         Command::Federated(args) => args.log_format,
+        Command::Logits(_) => LogFormat::Text,
     };
     init_tracing(log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -242,6 +325,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Pretrain(args) => runtime.block_on(pretrain(args)),
         Command::Federated(args) => runtime.block_on(federated(args)),
+        Command::Logits(args) => print_logits(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -262,6 +262,13 @@ impl Coordinator for Mock {
     ) -> Result<Response<pb::ReportEvalResponse>, Status> {
         Ok(Response::new(pb::ReportEvalResponse {}))
     }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Err(Status::unimplemented("the mock has no status"))
+    }
 }
 
 fn mock(job: pb::JobSpec, script: Vec<Result<Task, Status>>) -> (Mock, Arc<Mutex<Record>>) {
@@ -302,6 +309,7 @@ fn site_data(dir: &Path) {
 fn config(address: String, data_dir: &Path, token: &str) -> FederatedConfig {
     FederatedConfig {
         coordinator: address,
+        tls: Default::default(),
         data_dir: data_dir.to_path_buf(),
         token: EnrollmentToken::new(token).unwrap(),
         device: tch::Device::Cpu,

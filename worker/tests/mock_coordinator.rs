@@ -252,6 +252,13 @@ impl Coordinator for Mock {
         self.record.lock().unwrap().eval = Some((r.version, r.loss, r.tokens));
         Ok(Response::new(pb::ReportEvalResponse {}))
     }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Err(Status::unimplemented("the mock has no status"))
+    }
 }
 
 async fn serve(mock: Mock) -> String {
@@ -286,6 +293,7 @@ fn config(
 ) -> ClientConfig {
     ClientConfig {
         coordinator: address,
+        tls: Default::default(),
         data_dir: data_dir.to_path_buf(),
         device: tch::Device::Cpu,
         threads: 1,
