@@ -222,6 +222,14 @@ pub struct TrainSection {
     /// (0: only at the end of the job and on shutdown).
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
+    /// Pretraining starts from these parameters (a Cohort checkpoint, e.g.
+    /// one written by `import-hf`) instead of the seeded random
+    /// initialisation; used only while the run has no checkpoint of its own
+    /// (a resumed run continues from its newest one). Relative paths are
+    /// resolved against the job file's directory. A federated job names its
+    /// starting point in `federated.base_checkpoint` instead.
+    #[serde(default)]
+    pub init_checkpoint: Option<PathBuf>,
 }
 
 /// Every committed round is made durable by default (in the background; a
@@ -359,6 +367,9 @@ pub struct JobPlan {
     pub engine: EngineConfig,
     pub train_shards: Vec<ShardInfo>,
     pub eval_shards: Vec<ShardInfo>,
+    /// Pretraining's starting parameters (`train.init_checkpoint`); `None`:
+    /// the seeded initialisation. A federated job's are in [`FederatedPlan`].
+    pub initial_params: Option<SharedParams>,
     pub federated: Option<FederatedPlan>,
 }
 
@@ -410,6 +421,11 @@ impl JobFile {
                 if path.is_relative() {
                     *path = normalize(&base.join(&*path));
                 }
+            }
+        }
+        if let Some(path) = &mut job.train.init_checkpoint {
+            if path.is_relative() {
+                *path = normalize(&base.join(&*path));
             }
         }
         if job.run_dir.is_relative() {
@@ -542,6 +558,12 @@ impl JobFile {
             ));
         }
 
+        if self.federated.is_some() && t.init_checkpoint.is_some() {
+            return Err(invalid(
+                "train.init_checkpoint",
+                "a federated job starts from federated.base_checkpoint",
+            ));
+        }
         if let Some(section) = &self.federated {
             return self
                 .clone()
@@ -581,6 +603,13 @@ impl JobFile {
         }
 
         let tensors = model.tensor_specs();
+        let initial_params = match &t.init_checkpoint {
+            Some(path) => Some(SharedParams(Arc::new(
+                crate::checkpoint::read_params(path, &ParamLayout::new(&tensors))
+                    .map_err(|e| invalid("train.init_checkpoint", e.to_string()))?,
+            ))),
+            None => None,
+        };
         let update_dtype = t.update_dtype;
         let engine = EngineConfig {
             tensors,
@@ -615,6 +644,7 @@ impl JobFile {
             engine,
             train_shards,
             eval_shards,
+            initial_params,
             federated: None,
         })
     }
@@ -775,6 +805,7 @@ impl JobFile {
             engine,
             train_shards: Vec::new(),
             eval_shards: Vec::new(),
+            initial_params: None,
             federated: Some(FederatedPlan {
                 trainable,
                 clients,
@@ -936,6 +967,16 @@ delta = 1e-5
                 "fixed-size cohorts with DP",
                 Box::new(|t| t.replace("sample_rate = 0.5", "cohort_size = 2")),
                 "not covered by the privacy accountant",
+            ),
+            (
+                "a pretraining start in a federated job",
+                Box::new(|t| {
+                    t.replace(
+                        "inner_steps = 2",
+                        "inner_steps = 2\ninit_checkpoint = \"x.safetensors\"",
+                    )
+                }),
+                "train.init_checkpoint: a federated job starts from federated.base_checkpoint",
             ),
             (
                 "both sampling settings",

@@ -155,6 +155,7 @@ fn open_engine(plan: &JobPlan, mode: StartMode) -> Result<(RoundEngine, RunStore
             .federated
             .as_ref()
             .and_then(|f| f.initial_params.as_ref())
+            .or(plan.initial_params.as_ref())
         {
             Some(base) => base.0.as_ref().clone(),
             None => init_params(&plan.engine.tensors, plan.engine.seed),

@@ -2,15 +2,16 @@
 //! `cohort-coordinator export-hf` (merged, and as a PEFT adapter), loads in transformers
 //! and PEFT and gives Cohort's own logits (`cohort-worker logits`); a model that
 //! transformers saved imports with `import-hf` and gives transformers' logits in Cohort;
-//! import(export(x)) is x bit for bit.
+//! import(export(x)) is x bit for bit; pretraining starts from `train.init_checkpoint`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use cohort_core::model::{ModelConfig, TensorSpec};
 use cohort_core::params::{init_params, ParamLayout};
-use cohort_tests::binary;
+use cohort_tests::{binary, DataOptions, Job, TINY_MODEL};
 use safetensors::tensor::{Dtype, TensorView};
 
 /// f32 logits of the same model on the same tokens: differences come only from the order
@@ -368,4 +369,75 @@ fn exported_models_give_cohorts_logits_in_transformers_and_peft() {
     }
     let layout = ParamLayout::new(&model.tensor_specs());
     assert_eq!(layout.total(), base_values.len());
+}
+
+#[test]
+fn pretraining_starts_from_an_init_checkpoint() {
+    let mut job = Job::new(DataOptions {
+        context_length: 32,
+        shard_tokens: 4096,
+        val_every: 10,
+    });
+    // TINY_MODEL, with parameters that are not the job's seeded initialisation.
+    let model = ModelConfig {
+        vocab_size: 256,
+        context_length: 32,
+        n_layer: 1,
+        n_head: 2,
+        d_model: 32,
+        dropout: 0.0,
+    };
+    let specs = model.tensor_specs();
+    let init: Vec<f32> = init_params(&specs, 99).iter().map(|v| v * 3.0).collect();
+    write_checkpoint(&job.path("init.safetensors"), &specs, &init);
+    job.write_job(&format!(
+        r#"
+name = "e2e-init-checkpoint"
+{TINY_MODEL}
+[train]
+rounds = 1
+inner_steps = 1
+micro_batch_size = 4
+init_checkpoint = "init.safetensors"
+[inner]
+kind = "sgd"
+lr = 1e-9
+beta1 = 0.0
+beta2 = 0.0
+eps = 1e-8
+weight_decay = 0.0
+grad_clip = 1.0
+warmup_steps = 0
+[outer]
+kind = "sgd"
+lr = 1.0
+[cluster]
+min_workers = 1
+min_participants = 1
+"#
+    ));
+    job.start_coordinator();
+    job.start_worker(&[]);
+    job.wait_all(Duration::from_secs(120));
+    // One step of lr 1e-9 later, the model is still the init checkpoint.
+    let layout = ParamLayout::new(&specs);
+    let checkpoint = job.checkpoint();
+    assert_eq!(checkpoint.len(), specs.len());
+    for (name, shape, values) in checkpoint {
+        let slot = layout
+            .tensors()
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("unexpected tensor {name}"));
+        assert_eq!(shape, slot.shape, "{name}");
+        let want = &init[slot.offset..slot.offset + slot.numel];
+        let diff = values
+            .iter()
+            .zip(want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff < 1e-5,
+            "{name} moved by {diff} from the init checkpoint"
+        );
+    }
 }
