@@ -1174,7 +1174,12 @@ impl RoundEngine {
             participants: cohort.len(),
             shards: 0,
         });
-        if cohort.len() < m {
+        // Central DP releases every round, whatever arrives (even only the
+        // noise): then whether a round is released does not depend on who
+        // was sampled, as DP-FedAvg's accounting assumes. The other modes
+        // need m noise shares (distributed) or m updates to release.
+        let quorum = if rules.releases_every_round() { 0 } else { m };
+        if cohort.len() < quorum {
             // Nothing can be released: no charge, try again with a new draw.
             self.events.push(Event::RoundAborted {
                 round: id,
@@ -1202,7 +1207,7 @@ impl RoundEngine {
             started_at: now,
             deadline: now + self.config.round_deadline,
             target_participants: participants.len(),
-            quorum: m,
+            quorum,
             participants,
             bytes_pulled: 0,
             bytes_pushed: 0,
@@ -1628,7 +1633,12 @@ impl RoundEngine {
     fn check_round(&mut self, now: Instant) {
         let Some(round) = &self.round else { return };
         if round.participants.is_empty() {
-            self.abort_round();
+            if round.quorum == 0 && self.config.federated.is_some() {
+                // Central DP: the noise alone is released.
+                self.commit(now);
+            } else {
+                self.abort_round();
+            }
             return;
         }
         let all_pushed = round
@@ -1644,7 +1654,8 @@ impl RoundEngine {
         let round = self.round.take().expect("commit without a round");
         let count = self.accumulator.pushes();
         debug_assert_eq!(count, round.participants.len());
-        if count == 0 {
+        let noise_only = round.quorum == 0 && self.config.federated.is_some();
+        if count == 0 && !noise_only {
             self.round = Some(round);
             self.abort_round();
             return;

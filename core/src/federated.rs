@@ -150,6 +150,13 @@ impl FederatedRules {
         }
     }
 
+    /// Whether every round is released whatever arrives (central DP: the
+    /// coordinator's noise alone suffices), so that the release decision
+    /// never depends on who was sampled.
+    pub fn releases_every_round(&self) -> bool {
+        self.dp_mode == DpMode::Central
+    }
+
     /// Standard deviation each client adds per coordinate.
     pub fn client_noise_stddev(&self, min_participants: usize) -> f64 {
         let central = self.noise_multiplier * self.clip_norm;

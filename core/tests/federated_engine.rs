@@ -455,3 +455,43 @@ fn snapshots_keep_the_cohort_sampler() {
     let back: cohort_core::engine::EngineSnapshot = serde_json::from_str(&json).unwrap();
     assert_eq!(back, snapshot);
 }
+
+#[test]
+fn central_dp_releases_every_round_even_when_nobody_was_sampled() {
+    let now = Instant::now();
+    // Rate 0.05 over 2 clients: most cohorts are empty, none is skipped.
+    let mut e = engine(rules(DpMode::Central, 0.05, 1000.0), 2, 3);
+    let clients = join_clients(&mut e, 2, now);
+    let mut noise_only = 0;
+    for _ in 0..3 {
+        let cohort = assignments(&mut e, &clients, now);
+        for &(worker, round) in &cohort {
+            push(&mut e, worker, round, &update(0.3), now).unwrap();
+        }
+        let events = e.drain_events();
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, Event::RoundAborted { .. })),
+            "central DP never skips a round: {events:?}"
+        );
+        let (round, shares, sigma, _) = release_ready(&events).expect("every round is released");
+        assert_eq!(shares, cohort.len());
+        assert_eq!(
+            sigma, SIGMA,
+            "the coordinator's noise does not depend on who arrived"
+        );
+        if shares == 0 {
+            noise_only += 1;
+        }
+        let mut added = None;
+        e.release(round, now, |_, stddev| {
+            added = Some(stddev);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(added, Some(SIGMA * CLIP));
+    }
+    assert!(noise_only >= 1, "the seed should draw an empty cohort");
+    assert_eq!(e.privacy_ledger().rounds(), 3);
+}
