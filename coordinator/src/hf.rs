@@ -617,7 +617,10 @@ mod tests {
         write_params(path, &ParamLayout::new(specs), values, HashMap::new()).unwrap();
     }
 
-    fn read_safetensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    /// Tensors by name: shape and f32 values.
+    type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+    fn read_safetensors(path: &Path) -> Tensors {
         let bytes = std::fs::read(path).unwrap();
         let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         file.tensors()
@@ -748,7 +751,7 @@ mod tests {
         export(&source, ExportFormat::Merged, &hf).unwrap();
         let weights = hf.join("model.safetensors");
         let original = read_safetensors(&weights);
-        let rewrite = |change: &dyn Fn(&mut BTreeMap<String, (Vec<usize>, Vec<f32>)>)| {
+        let rewrite = |change: &dyn Fn(&mut Tensors)| {
             let mut tensors = original.clone();
             change(&mut tensors);
             let list: Vec<(String, Vec<usize>, Vec<f32>)> =
