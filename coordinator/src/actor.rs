@@ -548,6 +548,8 @@ impl RunRecords {
                 noise_multiplier = f.noise_multiplier,
                 epsilon_spent = f.epsilon_spent.map(|e| (e * 1e4).round() / 1e4),
                 epsilon_remaining = remaining.map(|e| (e * 1e4).round() / 1e4),
+                local_epsilon_per_client =
+                    f.local_epsilon_per_client.map(|e| (e * 1e4).round() / 1e4),
                 delta = f.delta,
                 bytes_moved,
                 wall_s = format_args!("{:.2}", s.wall.as_secs_f64()),
@@ -565,6 +567,7 @@ impl RunRecords {
                 "noise_multiplier": f.noise_multiplier,
                 "epsilon_spent": f.epsilon_spent,
                 "epsilon_remaining": remaining,
+                "local_epsilon_per_client": f.local_epsilon_per_client,
                 "delta": f.delta,
                 "tokens": s.tokens,
                 "bytes_pulled": s.bytes_pulled,

@@ -1852,6 +1852,17 @@ impl RoundEngine {
                 .epsilon;
             (spent, budget)
         });
+        let local_epsilon_per_client = match (rules.dp_mode, rules.budget) {
+            (crate::federated::DpMode::Local, Some(budget)) => crate::privacy::epsilon(
+                rules.noise_multiplier / 2.0,
+                1.0,
+                self.committed_rounds + 1,
+                budget.delta,
+            )
+            .ok()
+            .map(|r| r.epsilon),
+            _ => None,
+        };
         let base_version = self.version;
         self.outer
             .step_with_divisor(&self.global, self.accumulator.sum_mut(), divisor);
@@ -1902,6 +1913,7 @@ impl RoundEngine {
                 epsilon_spent: summary_privacy.map(|(spent, _)| spent),
                 epsilon_budget: summary_privacy.map(|(_, b)| b.epsilon),
                 delta: summary_privacy.map(|(_, b)| b.delta),
+                local_epsilon_per_client,
             }),
         }));
         if self.committed_rounds >= self.config.max_rounds {

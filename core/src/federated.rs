@@ -233,6 +233,12 @@ pub struct FederatedRoundSummary {
     pub epsilon_spent: Option<f64>,
     pub epsilon_budget: Option<f64>,
     pub delta: Option<f64>,
+    /// Local DP only: the guarantee each client's own updates give it
+    /// against anyone, the coordinator included, if it took part in every
+    /// round so far: the Gaussian mechanism with sensitivity 2C (any two of
+    /// its datasets; no amplification, the coordinator knows who was
+    /// sampled), composed over the rounds.
+    pub local_epsilon_per_client: Option<f64>,
 }
 
 #[cfg(test)]

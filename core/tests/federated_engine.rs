@@ -495,3 +495,32 @@ fn central_dp_releases_every_round_even_when_nobody_was_sampled() {
     assert!(noise_only >= 1, "the seed should draw an empty cohort");
     assert_eq!(e.privacy_ledger().rounds(), 3);
 }
+
+#[test]
+fn local_dp_reports_each_clients_own_guarantee() {
+    let now = Instant::now();
+    let mut e = engine(rules(DpMode::Local, 1.0, 1e6), 2, 3);
+    let clients = join_clients(&mut e, 2, now);
+    let cohort = cohort_round(&mut e, &clients, now);
+    for &(worker, round) in &cohort {
+        push(&mut e, worker, round, &update(0.5), now).unwrap();
+    }
+    let (round, shares, sigma_eff, _) = release_ready(&e.drain_events()).unwrap();
+    // The released sum carries both clients' full noise: σ√2.
+    assert!((sigma_eff - SIGMA * (shares as f64).sqrt()).abs() < 1e-12);
+    e.release(round, now, |_, _| panic!("no central noise"))
+        .unwrap();
+    let summary = e
+        .drain_events()
+        .into_iter()
+        .find_map(|e| match e {
+            Event::RoundCommitted(s) => s.federated,
+            _ => None,
+        })
+        .unwrap();
+    // Against the coordinator: the Gaussian mechanism with sensitivity 2C,
+    // no amplification, once.
+    let expected = privacy::epsilon(SIGMA / 2.0, 1.0, 1, 1e-5).unwrap().epsilon;
+    assert_eq!(summary.local_epsilon_per_client, Some(expected));
+    assert!(expected > summary.epsilon_spent.unwrap());
+}
