@@ -7,6 +7,10 @@
 //! - [`federated_data`]: `prepare-federated`, Shakespeare split into client
 //!   sites by (play, role), with per-client splits, tokens and enrollment.
 //! - [`server`]: runs a job on a bound listener until it ends.
+//! - [`tls`]: TLS on the gRPC port (mutual TLS with a client CA) and the
+//!   refusal to serve plaintext beyond loopback.
+//! - [`dev_certs`]: the `dev-certs` subcommand, a development CA and
+//!   certificates for a coordinator and its clients.
 //! - [`service`]: the tonic service, thin adapters over the engine.
 //! - [`actor`]: the single owner of the round engine, and its handle.
 //! - [`observe`]: Prometheus metrics (`/metrics`) and run progress.
@@ -27,12 +31,14 @@ pub mod checkpoint;
 pub mod config;
 pub mod convert;
 pub mod data;
+pub mod dev_certs;
 pub mod federated_data;
 pub mod hf;
 pub mod observe;
-pub mod plot;
 pub mod planning;
+pub mod plot;
 pub mod server;
 pub mod service;
 pub mod status;
 pub mod store;
+pub mod tls;

@@ -8,8 +8,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cohort_coordinator::config::JobFile;
 use cohort_coordinator::data::{prepare, PrepareOptions, TokenizerKind};
+use cohort_coordinator::dev_certs::{self, DevCertsOptions};
 use cohort_coordinator::federated_data::{self, FederatedOptions};
 use cohort_coordinator::planning::{self, PrivacyQuestion};
+use cohort_coordinator::tls::{self, ServerTls, TlsFiles};
 use cohort_coordinator::{plot, server, status};
 use tracing::{error, info};
 
@@ -25,6 +27,59 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// TLS on `run`'s gRPC port. Plaintext is served only on a loopback address
+/// unless --insecure-plaintext says otherwise.
+#[derive(clap::Args, Debug)]
+struct RunSecurity {
+    /// PEM certificate chain of the coordinator: gRPC is served over TLS
+    /// (needs --tls-key).
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "COHORT_TLS_CERT",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (keep it mode 0600).
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "COHORT_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates for clients: every client must present a
+    /// certificate one of them signed (mutual TLS).
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "COHORT_TLS_CLIENT_CA",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve plaintext gRPC on a non-loopback address (refused otherwise):
+    /// only behind a network that already encrypts and authenticates.
+    #[arg(long, env = "COHORT_INSECURE_PLAINTEXT", conflicts_with = "tls_cert")]
+    insecure_plaintext: bool,
+}
+
+impl RunSecurity {
+    /// The checked TLS configuration (files read and parsed), if any; refuses
+    /// plaintext beyond loopback. Runs before a port is bound.
+    fn server_tls(&self, listen: SocketAddr) -> anyhow::Result<Option<ServerTls>> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTls::load(&TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            })?),
+            _ => None,
+        };
+        tls::check_listen(listen, tls.is_some(), self.insecure_plaintext)?;
+        Ok(tls)
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -63,6 +118,31 @@ enum Command {
         /// when unset).
         #[arg(long, env = "COHORT_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
+        #[command(flatten)]
+        security: RunSecurity,
+    },
+    /// Makes a development CA, a certificate for the coordinator's hosts and
+    /// one client certificate per site (CN client-01, ...), as PEM files with
+    /// keys readable by the owner only, and prints how to use them.
+    DevCerts {
+        /// Output directory (created if missing; no file in it is replaced).
+        #[arg(long, env = "COHORT_DEV_CERTS_OUT")]
+        out: PathBuf,
+        /// Client certificates to make.
+        #[arg(long, env = "COHORT_DEV_CERTS_CLIENTS", default_value_t = 2)]
+        clients: usize,
+        /// Host names and IP addresses the coordinator's certificate is valid
+        /// for, comma-separated; the first is its common name.
+        #[arg(
+            long,
+            env = "COHORT_DEV_CERTS_HOSTS",
+            value_delimiter = ',',
+            default_value = "localhost,127.0.0.1"
+        )]
+        hosts: Vec<String>,
+        /// Days the certificates are valid.
+        #[arg(long, env = "COHORT_DEV_CERTS_DAYS", default_value_t = 365)]
+        days: u32,
     },
     /// The live job at a glance: round, workers and their state, last
     /// losses, privacy spent and left, ETA (the coordinator's Status RPC).
@@ -308,6 +388,8 @@ async fn shutdown_signal() {
     }
 }
 
+// One argument per `run` flag (or flag group), as clap hands them over.
+#[allow(clippy::too_many_arguments)]
 async fn run_job(
     job: PathBuf,
     listen: SocketAddr,
@@ -316,6 +398,7 @@ async fn run_job(
     run_dir: Option<PathBuf>,
     fresh: bool,
     metrics_listen: Option<SocketAddr>,
+    security: RunSecurity,
 ) -> anyhow::Result<()> {
     // Everything is validated before a port is bound.
     let mut file = JobFile::load(&job)?;
@@ -326,6 +409,7 @@ async fn run_job(
         file.run_dir = dir;
     }
     let plan = file.validate()?;
+    let tls = security.server_tls(listen)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -350,6 +434,7 @@ async fn run_job(
     let options = server::RunOptions {
         mode,
         metrics_listener,
+        tls,
     };
     let outcome = server::run_with_options(listener, plan, shutdown_signal(), options).await?;
     match (&outcome.checkpoint, outcome.final_eval_loss) {
@@ -379,6 +464,7 @@ fn main() -> ExitCode {
             run_dir,
             fresh,
             metrics_listen,
+            security,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -392,6 +478,7 @@ fn main() -> ExitCode {
                     run_dir,
                     fresh,
                     metrics_listen,
+                    security,
                 ))
             }),
         Command::Status { coordinator, json } => tokio::runtime::Builder::new_current_thread()
@@ -410,6 +497,19 @@ fn main() -> ExitCode {
         Command::Plot { run_dir, out } => plot::plot_run(&run_dir, &out)
             .map_err(anyhow::Error::from)
             .map(|rounds| info!(out = %out.display(), rounds, "plot written")),
+        Command::DevCerts {
+            out,
+            clients,
+            hosts,
+            days,
+        } => dev_certs::generate(&DevCertsOptions {
+            out,
+            clients,
+            hosts,
+            valid_days: days,
+        })
+        .map_err(anyhow::Error::from)
+        .map(|certs| print!("{}", dev_certs::render_instructions(&certs))),
         Command::Privacy {
             noise_multiplier,
             target_epsilon,

@@ -219,8 +219,14 @@ impl Job {
 
     /// Starts the coordinator on 127.0.0.1:0 and waits until it listens.
     pub fn start_coordinator(&mut self) {
+        self.start_coordinator_with(&[]);
+    }
+
+    /// [`Job::start_coordinator`] with more `run` flags; with `--tls-cert` the
+    /// workers' address is `https://`.
+    pub fn start_coordinator_with(&mut self, extra: &[&str]) {
         let addr_file = self.path("addr");
-        let args = vec![
+        let mut args: Vec<String> = vec![
             "run".into(),
             "--job".into(),
             self.path("job.toml").display().to_string(),
@@ -229,6 +235,12 @@ impl Job {
             "--addr-file".into(),
             addr_file.display().to_string(),
         ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let scheme = if extra.contains(&"--tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
         let mut proc = Proc::spawn(
             "coordinator",
             &binary("cohort-coordinator"),
@@ -244,7 +256,7 @@ impl Job {
             proc.report("did not start listening")
         );
         self.addr = Some(format!(
-            "http://{}",
+            "{scheme}://{}",
             std::fs::read_to_string(&addr_file).expect("addr")
         ));
         self.coordinator = Some(proc);

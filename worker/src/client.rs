@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 pub use crate::connection::{
     assemble_params, chunk_plan, hostname, is_transient, update_stream, ChunkRange, ClientError,
-    RetryPolicy, RunSummary, HTTP2_MAX_FRAME_SIZE, MAX_MESSAGE_BYTES,
+    ClientTls, RetryPolicy, RunSummary, HTTP2_MAX_FRAME_SIZE, MAX_MESSAGE_BYTES,
 };
 pub use crate::job::{validate_job, Job};
 
@@ -22,8 +22,10 @@ use crate::trainer::{TrainerConfig, TrainerError, TrainerHandle};
 /// How the worker reaches the coordinator and what it runs on.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// `http://host:port`.
+    /// `http://host:port`, or `https://host:port` over TLS.
     pub coordinator: String,
+    /// TLS files for an `https://` coordinator.
+    pub tls: ClientTls,
     pub data_dir: PathBuf,
     pub device: Device,
     /// libtorch intra-op threads (0: libtorch's default).
@@ -61,7 +63,7 @@ impl Worker {
     /// Sets up the channel; nothing is sent until [`Worker::run`].
     pub fn new(config: ClientConfig) -> Result<Worker, ClientError> {
         Ok(Worker {
-            connection: Connection::new(&config.coordinator, config.retry)?,
+            connection: Connection::new(&config.coordinator, config.retry, &config.tls)?,
             state: Pretrain {
                 config,
                 job: None,

@@ -2,6 +2,7 @@
 //! channel, retries with backoff, heartbeats, parameter pulls and update pushes.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,7 +15,7 @@ use cohort_proto::v1 as pb;
 use futures::{Stream, StreamExt};
 use pb::coordinator_client::CoordinatorClient;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 use tracing::{debug, error, warn, Instrument};
 
@@ -73,6 +74,8 @@ impl RetryPolicy {
 pub enum ClientError {
     #[error("invalid coordinator address {url:?}: {reason}")]
     BadAddress { url: String, reason: String },
+    #[error("TLS setup for {url:?}: {reason}")]
+    Tls { url: String, reason: String },
     #[error(
         "coordinator unreachable: {op} failed {attempts} times, last with {code:?}: {message}"
     )]
@@ -106,6 +109,58 @@ pub enum ClientError {
          (pretraining jobs are for `cohort-worker pretrain`)"
     )]
     NotFederated { job: String },
+}
+
+/// TLS for the coordinator connection: used for `https://` URLs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// PEM CA certificates that signed the coordinator's certificate; `None`:
+    /// the system's trusted roots.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and its key, for a coordinator that requires
+    /// client certificates (mutual TLS).
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl ClientTls {
+    fn is_set(&self) -> bool {
+        self.ca.is_some() || self.identity.is_some()
+    }
+
+    /// The rustls client configuration for an `https://` URL; `None` for
+    /// `http://`, where setting any TLS file is an error rather than ignored.
+    fn config(&self, url: &str) -> Result<Option<ClientTlsConfig>, ClientError> {
+        let https = url.starts_with("https://");
+        let fail = |reason: String| ClientError::Tls {
+            url: url.to_string(),
+            reason,
+        };
+        if !https {
+            return if self.is_set() {
+                Err(fail(
+                    "--tls-ca, --tls-cert and --tls-key need an https:// coordinator URL".into(),
+                ))
+            } else {
+                Ok(None)
+            };
+        }
+        let read = |what: &str, path: &Path| {
+            std::fs::read(path)
+                .map_err(|e| fail(format!("cannot read {what} {}: {e}", path.display())))
+        };
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca {
+            Some(path) => config.ca_certificate(Certificate::from_pem(read("--tls-ca", path)?)),
+            None => config.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(
+                read("--tls-cert", cert)?,
+                read("--tls-key", key)?,
+            ));
+        }
+        Ok(Some(config))
+    }
 }
 
 /// What the worker did before the coordinator said it was done.
@@ -239,6 +294,30 @@ where
         )));
     }
     Ok((flat, bytes))
+}
+
+/// `status` with the sources of its error (a TLS alert under "transport error", say)
+/// in its message.
+fn with_sources(status: Status) -> Status {
+    match std::error::Error::source(&status) {
+        Some(source) => {
+            let message = format!("{}: {}", status.message(), error_chain(source));
+            Status::new(status.code(), message)
+        }
+        None => status,
+    }
+}
+
+/// An error and its sources, one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Codes worth retrying with backoff: the coordinator is restarting or the connection dropped.
@@ -390,19 +469,26 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// Sets up the channel; nothing is sent until the first call.
-    pub fn new(url: &str, retry: RetryPolicy) -> Result<Connection, ClientError> {
+    /// Sets up the channel (over TLS for an `https://` URL); nothing is sent until the
+    /// first call.
+    pub fn new(url: &str, retry: RetryPolicy, tls: &ClientTls) -> Result<Connection, ClientError> {
         let bad = |reason: String| ClientError::BadAddress {
             url: url.to_string(),
             reason,
         };
-        let endpoint = Endpoint::from_shared(url.to_string())
+        let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| bad(e.to_string()))?
             .max_frame_size(HTTP2_MAX_FRAME_SIZE)
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
+        if let Some(config) = tls.config(url)? {
+            endpoint = endpoint.tls_config(config).map_err(|e| ClientError::Tls {
+                url: url.to_string(),
+                reason: error_chain(&e),
+            })?;
+        }
         let channel = endpoint.connect_lazy();
         let session = SessionAuth::default();
         let client = CoordinatorClient::with_interceptor(channel, session.clone())
@@ -419,6 +505,27 @@ impl Connection {
             retry,
             rng: Mutex::new(SplitMix64::new(seed)),
         })
+    }
+
+    /// A join that never got through says what the likely cause is: a TLS coordinator
+    /// hangs up on plaintext with a bare protocol error, and one that requires client
+    /// certificates may close a refused connection before its alert arrives.
+    fn hint_connection(&self, mut failure: Failure) -> Failure {
+        if failure.attempts.is_none() {
+            return failure;
+        }
+        let hint = if self.url.starts_with("http://") {
+            "if the coordinator serves TLS, use an https:// URL, with --tls-ca for a private CA"
+        } else {
+            "if the coordinator is up, check that --tls-ca signed its certificate and, where it \
+             requires client certificates, that --tls-cert/--tls-key are given and signed by a \
+             CA it trusts"
+        };
+        failure.status = Status::new(
+            failure.status.code(),
+            format!("{} ({hint})", failure.status.message()),
+        );
+        failure
     }
 
     pub fn retry(&self) -> &RetryPolicy {
@@ -445,7 +552,7 @@ impl Connection {
                     if attempt >= policy.max_attempts.max(1) {
                         return Err(Failure {
                             op,
-                            status,
+                            status: with_sources(status),
                             attempts: Some(attempt),
                         });
                     }
@@ -463,7 +570,7 @@ impl Connection {
                 Err(status) => {
                     return Err(Failure {
                         op,
-                        status,
+                        status: with_sources(status),
                         attempts: None,
                     })
                 }
@@ -479,7 +586,8 @@ impl Connection {
                 let request = request.clone();
                 async move { c.join(request).await.map(tonic::Response::into_inner) }
             })
-            .await?;
+            .await
+            .map_err(|failure| self.hint_connection(failure))?;
         self.session
             .set(&response.session_token)
             .map_err(|status| Failure {

@@ -19,8 +19,8 @@ use tonic::Code;
 use tracing::{info, warn};
 
 use crate::connection::{
-    serve_tasks, stats_to_proto, ClientError, Connection, Heartbeat, Interrupt, RetryPolicy,
-    RunSummary, Tasks,
+    serve_tasks, stats_to_proto, ClientError, ClientTls, Connection, Heartbeat, Interrupt,
+    RetryPolicy, RunSummary, Tasks,
 };
 use crate::device::device_name;
 use crate::job::{validate_federated_job, FederatedJob, TrainableSet};
@@ -56,8 +56,10 @@ impl std::fmt::Debug for EnrollmentToken {
 /// How the client reaches the coordinator, who it is and what it trains on.
 #[derive(Clone, Debug)]
 pub struct FederatedConfig {
-    /// `http://host:port`.
+    /// `http://host:port`, or `https://host:port` over TLS.
     pub coordinator: String,
+    /// TLS files for an `https://` coordinator.
+    pub tls: ClientTls,
     /// Holds `train.txt` and `test.txt`.
     pub data_dir: PathBuf,
     pub token: EnrollmentToken,
@@ -74,7 +76,7 @@ pub struct FederatedConfig {
 pub async fn run(config: FederatedConfig) -> Result<RunSummary, ClientError> {
     crate::text::preflight(&config.data_dir)
         .map_err(|e| ClientError::Trainer(TrainerError::LocalData(e)))?;
-    let connection = Connection::new(&config.coordinator, config.retry)?;
+    let connection = Connection::new(&config.coordinator, config.retry, &config.tls)?;
     let mut site = Site {
         config,
         job: None,

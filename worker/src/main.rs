@@ -97,11 +97,22 @@ struct TlsArgs {
     /// system's trusted roots).
     #[arg(long, value_name = "PEM", env = "COHORT_TLS_CA")]
     tls_ca: Option<PathBuf>,
-    /// PEM client certificate, for a coordinator that requires one (mutual TLS).
-    #[arg(long, value_name = "PEM", env = "COHORT_TLS_CERT", requires = "tls_key")]
+    /// PEM client certificate, for a coordinator that requires one (mutual TLS). Its
+    /// variable is not the coordinator's COHORT_TLS_CERT, so both can share an environment.
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "COHORT_WORKER_TLS_CERT",
+        requires = "tls_key"
+    )]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, value_name = "PEM", env = "COHORT_TLS_KEY", requires = "tls_cert")]
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "COHORT_WORKER_TLS_KEY",
+        requires = "tls_cert"
+    )]
     tls_key: Option<PathBuf>,
 }
 

@@ -1,0 +1,315 @@
+//! TLS end to end over real processes: certificates from `cohort-coordinator
+//! dev-certs`, a pretraining job that completes over mutual TLS, and the
+//! refusals: a client certificate from another CA, no client certificate, a
+//! plaintext client, plaintext beyond loopback, and bad or expired session
+//! tokens.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cohort_proto::session::SessionAuth;
+use cohort_proto::v1 as pb;
+use cohort_tests::{binary, DataOptions, Job, Proc, TINY_MODEL};
+use pb::coordinator_client::CoordinatorClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+
+const TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Runs `dev-certs` into `<dir>/<name>` and returns that directory.
+fn dev_certs(dir: &Path, name: &str, clients: usize) -> PathBuf {
+    let out = dir.join(name);
+    let args: Vec<String> = vec![
+        "dev-certs".into(),
+        "--out".into(),
+        out.display().to_string(),
+        "--clients".into(),
+        clients.to_string(),
+    ];
+    let mut proc = Proc::spawn(
+        &format!("dev-certs-{name}"),
+        &binary("cohort-coordinator"),
+        &args,
+        dir,
+    );
+    proc.wait_success(Duration::from_secs(30));
+    assert!(
+        proc.output().contains("--tls-client-ca"),
+        "{}",
+        proc.report("printed no instructions")
+    );
+    out
+}
+
+/// A one-round job for one worker; `lease_ms` bounds how long a lost
+/// worker keeps its lease.
+fn tiny_job(lease_ms: u64) -> Job {
+    let job = Job::new(DataOptions {
+        context_length: 32,
+        shard_tokens: 4096,
+        val_every: 10,
+    });
+    job.write_job(&format!(
+        r#"
+name = "e2e-tls"
+{TINY_MODEL}
+[train]
+rounds = 1
+inner_steps = 2
+micro_batch_size = 8
+[cluster]
+min_workers = 1
+min_participants = 1
+lease_ms = {lease_ms}
+heartbeat_ms = 200
+"#
+    ));
+    job
+}
+
+fn path(dir: &Path, file: &str) -> String {
+    dir.join(file).display().to_string()
+}
+
+/// Starts the coordinator with TLS from `certs`, mutual when `mutual`.
+fn start_tls_coordinator(job: &mut Job, certs: &Path, mutual: bool) {
+    let (cert, key, ca) = (
+        path(certs, "server.pem"),
+        path(certs, "server.key"),
+        path(certs, "ca.pem"),
+    );
+    let mut flags = vec!["--tls-cert", &cert, "--tls-key", &key];
+    if mutual {
+        flags.extend(["--tls-client-ca", &ca]);
+    }
+    job.start_coordinator_with(&flags);
+}
+
+/// Runs a worker expected to fail and returns its output.
+fn failing_worker(job: &mut Job, coordinator: &str, extra: &[&str]) -> String {
+    let mut args: Vec<String> = vec![
+        "pretrain".into(),
+        "--coordinator".into(),
+        coordinator.into(),
+        "--data-dir".into(),
+        job.path("data").display().to_string(),
+        "--device".into(),
+        "cpu".into(),
+        "--retry-attempts".into(),
+        "2".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let name = format!("refused-{}", job.workers.len());
+    let mut worker = Proc::spawn(&name, &binary("cohort-worker"), &args, job.dir.path());
+    let status = worker.wait(Duration::from_secs(60));
+    assert!(!status.success(), "{}", worker.report("was not refused"));
+    let output = worker.output();
+    job.workers.push(worker);
+    output
+}
+
+#[test]
+fn a_pretraining_job_completes_over_mutual_tls() {
+    let mut job = tiny_job(10_000);
+    let certs = dev_certs(job.dir.path(), "certs", 1);
+    start_tls_coordinator(&mut job, &certs, true);
+    assert!(job.addr.as_deref().unwrap().starts_with("https://"));
+    let (ca, cert, key) = (
+        path(&certs, "ca.pem"),
+        path(&certs, "client-01.pem"),
+        path(&certs, "client-01.key"),
+    );
+    job.start_worker(&["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key]);
+    job.wait_all(TIMEOUT);
+    let metrics = job.metrics();
+    assert!(
+        metrics.iter().any(|m| m["round"] == 1),
+        "no committed round: {metrics:?}"
+    );
+    let log = job.coordinator.as_ref().unwrap().output();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("coordinator serving") && l.contains("mutual")),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_client_certificate_from_another_ca_or_none_is_refused() {
+    let mut job = tiny_job(10_000);
+    let certs = dev_certs(job.dir.path(), "certs", 1);
+    let stranger = dev_certs(job.dir.path(), "stranger", 1);
+    start_tls_coordinator(&mut job, &certs, true);
+    let addr = job.addr.clone().unwrap();
+    let ca = path(&certs, "ca.pem");
+    // Trusts the right server, but its own certificate is from another CA.
+    let (cert, key) = (
+        path(&stranger, "client-01.pem"),
+        path(&stranger, "client-01.key"),
+    );
+    let output = failing_worker(
+        &mut job,
+        &addr,
+        &["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key],
+    );
+    // TLS 1.3 checks the client's certificate after the client has sent its
+    // request: the refusal arrives as the server's alert or, when the
+    // connection is already closed, as that; the worker's hint names the cause.
+    let refused_client = |output: &str, alert: &str| {
+        output.contains("coordinator unreachable")
+            && output.contains("--tls-cert/--tls-key are given and signed by a CA it trusts")
+            && (!output.contains("fatal alert") || output.contains(alert))
+    };
+    assert!(refused_client(&output, "UnknownCA"), "{output}");
+    // No client certificate at all.
+    let output = failing_worker(&mut job, &addr, &["--tls-ca", &ca]);
+    assert!(refused_client(&output, "CertificateRequired"), "{output}");
+    // A worker that trusts another CA refuses the coordinator itself.
+    let other_ca = path(&stranger, "ca.pem");
+    let output = failing_worker(&mut job, &addr, &["--tls-ca", &other_ca]);
+    assert!(output.contains("UnknownIssuer"), "{output}");
+    let coordinator = job.coordinator.as_mut().unwrap();
+    assert!(
+        coordinator.try_status().is_none(),
+        "{}",
+        coordinator.report("stopped")
+    );
+}
+
+#[test]
+fn a_plaintext_client_is_refused_by_a_tls_coordinator() {
+    let mut job = tiny_job(10_000);
+    let certs = dev_certs(job.dir.path(), "certs", 1);
+    start_tls_coordinator(&mut job, &certs, false);
+    let plaintext = job.addr.clone().unwrap().replace("https://", "http://");
+    let output = failing_worker(&mut job, &plaintext, &[]);
+    assert!(
+        output.contains("coordinator unreachable") && output.contains("https://"),
+        "{output}"
+    );
+}
+
+#[test]
+fn plaintext_beyond_loopback_is_refused_unless_asked_for() {
+    let job = tiny_job(10_000);
+    let args: Vec<String> = vec![
+        "run".into(),
+        "--job".into(),
+        job.path("job.toml").display().to_string(),
+        "--listen".into(),
+        "0.0.0.0:0".into(),
+    ];
+    let mut coordinator = Proc::spawn(
+        "plaintext-coordinator",
+        &binary("cohort-coordinator"),
+        &args,
+        job.dir.path(),
+    );
+    let status = coordinator.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{}", coordinator.report("exit"));
+    let output = coordinator.output();
+    assert!(
+        output.contains("not a loopback address") && output.contains("--insecure-plaintext"),
+        "{output}"
+    );
+}
+
+/// A raw gRPC client whose calls carry the session its `SessionAuth` holds.
+type Client = CoordinatorClient<InterceptedService<Channel, SessionAuth>>;
+
+/// A raw client over mutual TLS.
+async fn tls_client(addr: &str, certs: &Path) -> (Client, SessionAuth) {
+    let read = |file: &str| std::fs::read(certs.join(file)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(
+            read("client-01.pem"),
+            read("client-01.key"),
+        ));
+    let channel = Endpoint::from_shared(addr.to_string())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let session = SessionAuth::default();
+    (
+        CoordinatorClient::with_interceptor(channel, session.clone()),
+        session,
+    )
+}
+
+async fn join(client: &mut Client) -> pb::JoinResponse {
+    client
+        .join(pb::JoinRequest {
+            info: Some(pb::WorkerInfo {
+                hostname: "probe".into(),
+                device: "cpu".into(),
+                device_memory_bytes: 0,
+                role: pb::Role::Pretrain as i32,
+            }),
+            token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_or_expired_session_token_is_refused() {
+    let mut job = tiny_job(1_000);
+    let certs = dev_certs(job.dir.path(), "certs", 1);
+    start_tls_coordinator(&mut job, &certs, true);
+    let addr = job.addr.clone().unwrap();
+    let (mut client, session) = tls_client(&addr, &certs).await;
+    let joined = join(&mut client).await;
+    let heartbeat = |worker_id: &str| pb::HeartbeatRequest {
+        worker_id: worker_id.to_string(),
+    };
+
+    session.set(&joined.session_token).unwrap();
+    client
+        .heartbeat(heartbeat(&joined.worker_id))
+        .await
+        .unwrap();
+    session.set(&"f".repeat(64)).unwrap();
+    let refused = client
+        .heartbeat(heartbeat(&joined.worker_id))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("worker id does not match its session"),
+        "{refused:?}"
+    );
+    session.set("").unwrap();
+    let refused = client
+        .heartbeat(heartbeat(&joined.worker_id))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+
+    // The lease (1 s) runs out: the session ended with it.
+    session.set(&joined.session_token).unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let expired = client
+        .heartbeat(heartbeat(&joined.worker_id))
+        .await
+        .unwrap_err();
+    assert_eq!(expired.code(), Code::NotFound, "{expired:?}");
+    assert!(expired.message().contains("lease expired"), "{expired:?}");
+    // Joining again gives a new id; the old session does not speak for it.
+    let again = join(&mut client).await;
+    assert_ne!(again.worker_id, joined.worker_id);
+    let refused = client
+        .heartbeat(heartbeat(&again.worker_id))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    session.set(&again.session_token).unwrap();
+    client.heartbeat(heartbeat(&again.worker_id)).await.unwrap();
+}
