@@ -198,3 +198,41 @@ fn a_coordinator_killed_mid_job_resumes_and_never_spends_less_privacy() {
     let log = fed.job.coordinator.as_ref().unwrap().output();
     assert!(log.contains("privacy ledger restored"), "{log}");
 }
+
+#[test]
+fn full_fine_tuning_with_fedavgm_and_no_dp_lowers_the_sites_held_out_loss() {
+    let mut fed = FederatedJob::new(3);
+    let lora = job(4, 1.0, 3, 50.0);
+    let (head, _dp) = lora.split_once("[federated.dp]").unwrap();
+    let body = format!("{head}[federated.dp]\nmode = \"none\"\n")
+        .replace(
+            "trainable = \"lora\"\nlora_rank = 2",
+            "trainable = \"full\"",
+        )
+        .replace(
+            "[cluster]",
+            "[outer]\nkind = \"momentum\"\nlr = 1.0\nmomentum = 0.5\n[cluster]",
+        );
+    assert!(body.contains("trainable = \"full\"") && body.contains("mode = \"none\""));
+    fed.write_job(&body);
+    fed.job.start_coordinator();
+    for name in fed.clients.clone() {
+        fed.start_client(&name, &[]);
+    }
+    fed.job.wait_all(TIMEOUT);
+    let metrics = fed.job.metrics();
+    let first = metrics
+        .iter()
+        .find(|m| m.get("sampled").is_some())
+        .and_then(|m| m["eval_loss"].as_f64())
+        .expect("round 1 evaluated the starting model");
+    let last = metrics
+        .iter()
+        .find(|m| m.get("final").is_some())
+        .and_then(|m| m["eval_loss"].as_f64())
+        .expect("the final model was evaluated");
+    // A random byte-level model starts at ln 256 ≈ 5.55.
+    assert!(first > 5.0, "{first}");
+    assert!(last < first - 0.5, "held-out loss {first} -> {last}");
+    assert!(fed.privacy_charges().is_empty(), "no DP, no charges");
+}
