@@ -11,6 +11,7 @@ use cohort_coordinator::data::{prepare, PrepareOptions, TokenizerKind};
 use cohort_coordinator::dev_certs::{self, DevCertsOptions};
 use cohort_coordinator::federated_data::{self, FederatedOptions};
 use cohort_coordinator::planning::{self, PrivacyQuestion};
+use cohort_coordinator::service::OperatorToken;
 use cohort_coordinator::tls::{self, ServerTls, TlsFiles};
 use cohort_coordinator::{plot, server, status};
 use tracing::{error, info};
@@ -63,6 +64,10 @@ struct RunSecurity {
     /// only behind a network that already encrypts and authenticates.
     #[arg(long, env = "COHORT_INSECURE_PLAINTEXT", conflicts_with = "tls_cert")]
     insecure_plaintext: bool,
+    /// A file holding the operator token: only its bearer may call Status
+    /// (workers' sessions and enrollment tokens cannot). Unset: Status is open.
+    #[arg(long, value_name = "PATH", env = "COHORT_OPERATOR_TOKEN_FILE")]
+    operator_token_file: Option<PathBuf>,
 }
 
 impl RunSecurity {
@@ -79,6 +84,18 @@ impl RunSecurity {
         };
         tls::check_listen(listen, tls.is_some(), self.insecure_plaintext)?;
         Ok(tls)
+    }
+
+    /// The operator token from --operator-token-file, if given.
+    fn operator_token(&self) -> anyhow::Result<Option<OperatorToken>> {
+        let Some(path) = &self.operator_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --operator-token-file {}", path.display()))?;
+        OperatorToken::new(&text)
+            .map(Some)
+            .with_context(|| format!("--operator-token-file {} is empty", path.display()))
     }
 }
 
@@ -157,6 +174,29 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long, env = "COHORT_JSON")]
         json: bool,
+        /// A file holding the operator token, for a coordinator run with one.
+        #[arg(long, value_name = "PATH", env = "COHORT_OPERATOR_TOKEN_FILE")]
+        operator_token_file: Option<PathBuf>,
+        /// PEM CA of the coordinator's certificate (https:// URLs; default:
+        /// the system's roots).
+        #[arg(long, value_name = "PEM", env = "COHORT_TLS_CA")]
+        tls_ca: Option<PathBuf>,
+        /// PEM client certificate, for a coordinator with mutual TLS.
+        #[arg(
+            long,
+            value_name = "PEM",
+            env = "COHORT_OPERATOR_TLS_CERT",
+            requires = "tls_key"
+        )]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(
+            long,
+            value_name = "PEM",
+            env = "COHORT_OPERATOR_TLS_KEY",
+            requires = "tls_cert"
+        )]
+        tls_key: Option<PathBuf>,
     },
     /// Draws a run's loss curves (and epsilon spent, for federated jobs with
     /// DP) from its metrics.jsonl to an SVG file.
@@ -410,6 +450,7 @@ async fn run_job(
     }
     let plan = file.validate()?;
     let tls = security.server_tls(listen)?;
+    let operator_token = security.operator_token()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -435,6 +476,7 @@ async fn run_job(
         mode,
         metrics_listener,
         tls,
+        operator_token,
     };
     let outcome = server::run_with_options(listener, plan, shutdown_signal(), options).await?;
     match (&outcome.checkpoint, outcome.final_eval_loss) {
@@ -481,12 +523,37 @@ fn main() -> ExitCode {
                     security,
                 ))
             }),
-        Command::Status { coordinator, json } => tokio::runtime::Builder::new_current_thread()
+        Command::Status {
+            coordinator,
+            json,
+            operator_token_file,
+            tls_ca,
+            tls_cert,
+            tls_key,
+        } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("cannot start the tokio runtime")
             .and_then(|runtime| {
-                let response = runtime.block_on(status::fetch(&coordinator))?;
+                let read = |flag: &str, path: &PathBuf| {
+                    std::fs::read(path)
+                        .with_context(|| format!("cannot read {flag} {}", path.display()))
+                };
+                let access = status::StatusAccess {
+                    operator_token: operator_token_file
+                        .as_ref()
+                        .map(|path| read("--operator-token-file", path))
+                        .transpose()?
+                        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
+                    tls_ca: tls_ca.as_ref().map(|p| read("--tls-ca", p)).transpose()?,
+                    tls_identity: match (&tls_cert, &tls_key) {
+                        (Some(cert), Some(key)) => {
+                            Some((read("--tls-cert", cert)?, read("--tls-key", key)?))
+                        }
+                        _ => None,
+                    },
+                };
+                let response = runtime.block_on(status::fetch(&coordinator, &access))?;
                 if json {
                     println!("{}", status::to_json(&response));
                 } else {

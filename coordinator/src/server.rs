@@ -31,7 +31,7 @@ use crate::actor::{self, JobOutcome, SharedStore};
 use crate::config::JobPlan;
 use crate::convert::job_spec_to_proto;
 use crate::observe::{self, Observer};
-use crate::service::CoordinatorService;
+use crate::service::{CoordinatorService, OperatorToken};
 use crate::store::{JobIdentity, RunStore, StoreError};
 use crate::tls::ServerTls;
 
@@ -53,6 +53,8 @@ pub struct RunOptions {
     pub metrics_listener: Option<TcpListener>,
     /// Serve gRPC over TLS (with client certificates when it is mutual).
     pub tls: Option<ServerTls>,
+    /// When set, only this token's bearer may call Status.
+    pub operator_token: Option<OperatorToken>,
 }
 
 pub use cohort_proto::HTTP2_MAX_FRAME_SIZE;
@@ -282,7 +284,8 @@ pub async fn run_with_options(
         stop_rx,
         Arc::clone(&observer),
     );
-    let service = CoordinatorService::new(handle, plan.clone(), Arc::clone(&observer));
+    let service = CoordinatorService::new(handle, plan.clone(), Arc::clone(&observer))
+        .with_operator_token(options.operator_token.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health

@@ -25,6 +25,19 @@ use crate::convert::{
 };
 use crate::observe::Observer;
 
+/// The SHA-256 of the operator's bearer token (the token itself is not kept).
+#[derive(Clone, Debug)]
+pub struct OperatorToken(SessionDigest);
+
+impl OperatorToken {
+    /// The digest of `token` with surrounding whitespace removed; `None` when
+    /// that leaves nothing.
+    pub fn new(token: &str) -> Option<OperatorToken> {
+        let token = token.trim();
+        (!token.is_empty()).then(|| OperatorToken(session_digest(token)))
+    }
+}
+
 pub struct CoordinatorService {
     engine: EngineHandle,
     plan: Arc<JobPlan>,
@@ -38,6 +51,8 @@ pub struct CoordinatorService {
     pull_permits: Arc<Semaphore>,
     /// The frozen base model of a LoRA job, with its layout.
     base: Option<(Arc<ParamLayout>, Arc<Vec<f32>>)>,
+    /// The operator token's digest: when set, only its bearer may call Status.
+    operator: Option<OperatorToken>,
     /// The run's progress as the actor records it (for Status).
     observer: Arc<Observer>,
 }
@@ -68,6 +83,31 @@ impl CoordinatorService {
             pull_permits: Arc::new(Semaphore::new(CONCURRENT_PULLS)),
             base,
             observer,
+            operator: None,
+        }
+    }
+
+    /// Operator calls (Status) need `token` from now on; worker sessions and
+    /// enrollment tokens do not pass.
+    pub fn with_operator_token(mut self, token: Option<OperatorToken>) -> CoordinatorService {
+        self.operator = token;
+        self
+    }
+
+    /// Admits an operator call: anyone when no operator token is set, else
+    /// only its bearer.
+    fn admit_operator<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(operator) = &self.operator else {
+            return Ok(());
+        };
+        match presented_session(request) {
+            Some(presented) if presented == operator.0 => Ok(()),
+            Some(_) => Err(Status::permission_denied(
+                "operator calls need the operator token (--operator-token-file); this token is not it",
+            )),
+            None => Err(Status::unauthenticated(
+                "operator calls need the operator token: authorization: Bearer <token>",
+            )),
         }
     }
 
@@ -450,8 +490,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     #[instrument(skip_all)]
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.admit_operator(&request)?;
         let progress = self.observer.progress();
         let name = self.plan.name.clone();
         let status = self

@@ -22,16 +22,55 @@ pub enum StatusCommandError {
     },
     #[error("the coordinator at {url} refused Status: {status}")]
     Rpc { url: String, status: tonic::Status },
+    #[error("{0}")]
+    Access(String),
+}
+
+/// How the `status` command proves it is the operator and reaches a TLS
+/// coordinator.
+#[derive(Clone, Debug, Default)]
+pub struct StatusAccess {
+    /// The operator token (`--operator-token-file`), sent as a bearer token.
+    pub operator_token: Option<String>,
+    /// PEM CA of the coordinator's certificate (https:// URLs).
+    pub tls_ca: Option<Vec<u8>>,
+    /// PEM client certificate and key, for a coordinator with mutual TLS.
+    pub tls_identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Calls `Status` on the coordinator at `url` (`http://host:port`).
-pub async fn fetch(url: &str) -> Result<pb::StatusResponse, StatusCommandError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string()).map_err(|source| {
-        StatusCommandError::Url {
-            url: url.to_string(),
-            source,
+pub async fn fetch(
+    url: &str,
+    access: &StatusAccess,
+) -> Result<pb::StatusResponse, StatusCommandError> {
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(url.to_string()).map_err(|source| {
+            StatusCommandError::Url {
+                url: url.to_string(),
+                source,
+            }
+        })?;
+    if url.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        tls = match &access.tls_ca {
+            Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            None => tls.with_native_roots(),
+        };
+        if let Some((cert, key)) = &access.tls_identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
         }
-    })?;
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|source| StatusCommandError::Url {
+                url: url.to_string(),
+                source,
+            })?;
+    }
+    let mut request = tonic::Request::new(pb::StatusRequest {});
+    if let Some(token) = &access.operator_token {
+        request = cohort_proto::session::with_bearer(request, token.trim())
+            .map_err(|status| StatusCommandError::Access(status.message().to_string()))?;
+    }
     let channel = endpoint
         .connect()
         .await
@@ -40,7 +79,7 @@ pub async fn fetch(url: &str) -> Result<pb::StatusResponse, StatusCommandError> 
             source,
         })?;
     CoordinatorClient::new(channel)
-        .status(pb::StatusRequest {})
+        .status(request)
         .await
         .map(tonic::Response::into_inner)
         .map_err(|status| StatusCommandError::Rpc {

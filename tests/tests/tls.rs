@@ -313,3 +313,77 @@ async fn a_bad_or_expired_session_token_is_refused() {
     session.set(&again.session_token).unwrap();
     client.heartbeat(heartbeat(&again.worker_id)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_needs_the_operator_token_and_a_worker_session_is_not_it() {
+    let mut job = tiny_job(10_000);
+    let certs = dev_certs(job.dir.path(), "certs", 1);
+    let token_file = job.path("operator.token");
+    std::fs::write(&token_file, "operator-secret\n").unwrap();
+    let token_path = token_file.display().to_string();
+    let (cert, key, ca) = (
+        path(&certs, "server.pem"),
+        path(&certs, "server.key"),
+        path(&certs, "ca.pem"),
+    );
+    job.start_coordinator_with(&[
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &ca,
+        "--operator-token-file",
+        &token_path,
+    ]);
+    let addr = job.addr.clone().unwrap();
+    let (mut client, session) = tls_client(&addr, &certs).await;
+
+    let refused = client.status(pb::StatusRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    // A worker's own session is no operator token.
+    let joined = join(&mut client).await;
+    session.set(&joined.session_token).unwrap();
+    let refused = client.status(pb::StatusRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("operator token"), "{refused:?}");
+    session.set("operator-secret").unwrap();
+    let status = client
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.job_name, "e2e-tls");
+
+    // The status command, over mutual TLS with the operator token.
+    let (client_cert, client_key) = (path(&certs, "client-01.pem"), path(&certs, "client-01.key"));
+    let args: Vec<String> = [
+        "status",
+        "--coordinator",
+        &addr,
+        "--operator-token-file",
+        &token_path,
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &client_cert,
+        "--tls-key",
+        &client_key,
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut command = Proc::spawn(
+        "status",
+        &binary("cohort-coordinator"),
+        &args,
+        job.dir.path(),
+    );
+    command.wait_success(Duration::from_secs(30));
+    assert!(
+        command.output().contains("e2e-tls"),
+        "{}",
+        command.report("no job name")
+    );
+}
