@@ -1685,20 +1685,7 @@ impl RoundEngine {
             }
             return;
         }
-        // The sum buffer becomes the next parameters in place; the old
-        // parameters' buffer becomes the next sum unless a pull still holds
-        // it, so steady-state memory stays at three model-sized buffers
-        // (parameters, sum, undo) plus momentum. Allocating first would make a
-        // fourth resident (swap_sum zero-fills it).
-        self.outer
-            .step(&self.global, self.accumulator.sum_mut(), count);
-        let len = self.global.len();
-        let old = std::mem::take(&mut self.global);
-        let recycled = Arc::try_unwrap(old).unwrap_or_else(|_still_pulled| vec![0.0; len]);
-        self.global = Arc::new(self.accumulator.swap_sum(recycled));
-        let base_version = self.version;
-        self.version = Version(self.version.0 + 1);
-        self.committed_rounds += 1;
+        let base_version = self.publish_next_version(count as f64);
 
         let mut tokens = 0u64;
         let mut weighted_loss = 0.0;
@@ -1754,6 +1741,27 @@ impl RoundEngine {
         } else {
             self.maybe_start_round(now);
         }
+    }
+
+    /// Applies the outer optimizer to the round's sum divided by `divisor`
+    /// and publishes the result as the next version; returns the base version.
+    ///
+    /// The sum buffer becomes the next parameters in place; the old
+    /// parameters' buffer becomes the next sum unless a pull still holds it,
+    /// so steady-state memory stays at three model-sized buffers (parameters,
+    /// sum, undo) plus momentum. Allocating first would make a fourth
+    /// resident (swap_sum zero-fills it).
+    fn publish_next_version(&mut self, divisor: f64) -> Version {
+        self.outer
+            .step_with_divisor(&self.global, self.accumulator.sum_mut(), divisor);
+        let len = self.global.len();
+        let old = std::mem::take(&mut self.global);
+        let recycled = Arc::try_unwrap(old).unwrap_or_else(|_still_pulled| vec![0.0; len]);
+        self.global = Arc::new(self.accumulator.swap_sum(recycled));
+        let base_version = self.version;
+        self.version = Version(self.version.0 + 1);
+        self.committed_rounds += 1;
+        base_version
     }
 
     /// Publishes a federated round whose privacy charge (if any) is durable:
@@ -1863,15 +1871,7 @@ impl RoundEngine {
             .map(|r| r.epsilon),
             _ => None,
         };
-        let base_version = self.version;
-        self.outer
-            .step_with_divisor(&self.global, self.accumulator.sum_mut(), divisor);
-        let len = self.global.len();
-        let old = std::mem::take(&mut self.global);
-        let recycled = Arc::try_unwrap(old).unwrap_or_else(|_still_pulled| vec![0.0; len]);
-        self.global = Arc::new(self.accumulator.swap_sum(recycled));
-        self.version = Version(self.version.0 + 1);
-        self.committed_rounds += 1;
+        let base_version = self.publish_next_version(divisor);
 
         let (mut tokens, mut weighted_loss) = (0u64, 0.0);
         let (mut eval_tokens, mut weighted_eval) = (0u64, 0.0);
