@@ -3,24 +3,24 @@
 //! DP noise of the advertised size in the released model, the durable
 //! privacy ledger, and the budget stop.
 
+#[path = "support/grpc_edge.rs"]
+mod grpc_edge;
 #[path = "support/session_client.rs"]
 mod session_client;
 
 use std::path::Path;
 
-use cohort_coordinator::actor::JobOutcome;
 use cohort_coordinator::config::{JobFile, JobPlan};
-use cohort_coordinator::server;
 use cohort_coordinator::store::RunStore;
 use cohort_core::codec::{encode, DType};
 use cohort_core::params::ParamLayout;
 use cohort_proto::v1 as pb;
 use futures::StreamExt;
+use grpc_edge::{assert_refused, chunks, push, start, MAX_CHUNK_BYTES};
 use session_client::Client;
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
-const MAX_CHUNK_BYTES: usize = 1024;
 const TOKENS: [&str; 3] = ["token-alpha", "token-bravo", "token-charlie"];
 
 fn enrollment(dir: &Path) {
@@ -75,30 +75,6 @@ sample_rate = 1.0
         .unwrap();
     std::fs::create_dir_all(&plan.run_dir).unwrap();
     plan
-}
-
-struct Running {
-    addr: String,
-    outcome: tokio::task::JoinHandle<JobOutcome>,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn start(plan: JobPlan) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let outcome = tokio::spawn(async move {
-        server::run(listener, plan, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("server ran")
-    });
-    Running {
-        addr,
-        outcome,
-        _stop: stop,
-    }
 }
 
 async fn client(addr: &str) -> Client {
@@ -184,51 +160,6 @@ fn header(worker: &str, round: u64, version: u64) -> pb::UpdateChunk {
                 eval_tokens: 32,
             }),
         })),
-    }
-}
-
-fn chunks(layout: &ParamLayout, values: &[f32]) -> Vec<pb::UpdateChunk> {
-    let per = MAX_CHUNK_BYTES / 4;
-    let mut out = Vec::new();
-    for (index, slot) in layout.tensors().iter().enumerate() {
-        let mut offset = 0;
-        while offset < slot.numel {
-            let len = per.min(slot.numel - offset);
-            let part = &values[slot.offset + offset..slot.offset + offset + len];
-            out.push(pb::UpdateChunk {
-                kind: Some(pb::update_chunk::Kind::Chunk(pb::TensorChunk {
-                    tensor_index: index as u32,
-                    offset: offset as u64,
-                    data: encode(DType::F32, part).into(),
-                })),
-            });
-            offset += len;
-        }
-    }
-    out
-}
-
-async fn push(
-    c: &mut Client,
-    messages: Vec<pb::UpdateChunk>,
-) -> Result<pb::PushUpdateResponse, tonic::Status> {
-    c.push_update(tokio_stream::iter(messages))
-        .await
-        .map(|r| r.into_inner())
-}
-
-#[track_caller]
-fn assert_refused(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
-    match result {
-        Ok(ok) => panic!("expected {code:?} ({needle}), got {ok:?}"),
-        Err(status) => {
-            assert_eq!(status.code(), code, "{status:?}");
-            assert!(
-                status.message().contains(needle),
-                "{:?} does not mention {needle:?}",
-                status.message()
-            );
-        }
     }
 }
 

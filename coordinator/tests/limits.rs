@@ -5,6 +5,8 @@
 //! with a clear status (or discarded) and the round then commits exactly the
 //! parameters of the pushes it accepted.
 
+#[path = "support/grpc_edge.rs"]
+mod grpc_edge;
 #[path = "support/session_client.rs"]
 mod session_client;
 
@@ -12,14 +14,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
-use cohort_coordinator::actor::JobOutcome;
 use cohort_coordinator::config::{JobFile, JobPlan};
 use cohort_coordinator::data::{prepare, PrepareOptions, TokenizerKind};
 use cohort_coordinator::server;
-use cohort_core::codec::{encode, DType};
 use cohort_core::params::ParamLayout;
 use cohort_proto::v1 as pb;
 use futures::StreamExt;
+use grpc_edge::{assert_refused, chunk, chunks, push, start, Running, MAX_CHUNK_BYTES};
 use pb::next_task_response::Task;
 use prost::Message;
 use session_client::Client;
@@ -28,7 +29,6 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-const MAX_CHUNK_BYTES: usize = 1024;
 /// Bound on every wait for the coordinator in these tests.
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -83,30 +83,6 @@ min_participants = 2
 lease_ms = 30000
 heartbeat_ms = 1000
 chunk_timeout_ms = 2000";
-
-struct Running {
-    addr: String,
-    _outcome: tokio::task::JoinHandle<JobOutcome>,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn start(plan: JobPlan) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let outcome = tokio::spawn(async move {
-        server::run(listener, plan, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("server ran")
-    });
-    Running {
-        addr,
-        _outcome: outcome,
-        _stop: stop,
-    }
-}
 
 async fn client(addr: &str) -> Client {
     Client::connect(addr).await
@@ -219,32 +195,6 @@ fn header(worker: &str, round: u64, version: u64) -> pb::UpdateChunk {
     }
 }
 
-fn chunk(tensor_index: u32, offset: u64, data: Vec<u8>) -> pb::UpdateChunk {
-    pb::UpdateChunk {
-        kind: Some(pb::update_chunk::Kind::Chunk(pb::TensorChunk {
-            tensor_index,
-            offset,
-            data: data.into(),
-        })),
-    }
-}
-
-/// The whole update as well-formed chunks, in order.
-fn chunks(layout: &ParamLayout, values: &[f32]) -> Vec<pb::UpdateChunk> {
-    let per = MAX_CHUNK_BYTES / 4;
-    let mut out = Vec::new();
-    for (index, slot) in layout.tensors().iter().enumerate() {
-        let mut offset = 0;
-        while offset < slot.numel {
-            let len = per.min(slot.numel - offset);
-            let part = &values[slot.offset + offset..slot.offset + offset + len];
-            out.push(chunk(index as u32, offset as u64, encode(DType::F32, part)));
-            offset += len;
-        }
-    }
-    out
-}
-
 /// A header for `worker` followed by `update` as chunks.
 fn whole_push(
     layout: &ParamLayout,
@@ -254,30 +204,6 @@ fn whole_push(
     update: &[f32],
 ) -> Vec<pb::UpdateChunk> {
     [vec![header(worker, round, version)], chunks(layout, update)].concat()
-}
-
-async fn push(
-    c: &mut Client,
-    messages: Vec<pb::UpdateChunk>,
-) -> Result<pb::PushUpdateResponse, Status> {
-    c.push_update(tokio_stream::iter(messages))
-        .await
-        .map(|r| r.into_inner())
-}
-
-#[track_caller]
-fn assert_refused(result: Result<impl std::fmt::Debug, Status>, code: Code, needle: &str) {
-    match result {
-        Ok(ok) => panic!("expected {code:?} ({needle}), got {ok:?}"),
-        Err(status) => {
-            assert_eq!(status.code(), code, "{status:?}");
-            assert!(
-                status.message().contains(needle),
-                "{:?} does not mention {needle:?}",
-                status.message()
-            );
-        }
-    }
 }
 
 /// Two pseudo-gradients that differ in every tensor.

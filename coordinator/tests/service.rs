@@ -2,24 +2,23 @@
 //! bad push is refused with the right status and leaves the round intact; a
 //! clean round then commits exactly the expected parameters.
 
+#[path = "support/grpc_edge.rs"]
+mod grpc_edge;
 #[path = "support/session_client.rs"]
 mod session_client;
 
 use std::path::Path;
 use std::time::Duration;
 
-use cohort_coordinator::actor::JobOutcome;
 use cohort_coordinator::config::{JobFile, JobPlan};
 use cohort_coordinator::data::{prepare, PrepareOptions, TokenizerKind};
-use cohort_coordinator::server;
 use cohort_core::codec::{encode, DType};
 use cohort_core::params::ParamLayout;
 use cohort_proto::v1 as pb;
 use futures::StreamExt;
+use grpc_edge::{assert_refused, chunk, chunks, push, start, MAX_CHUNK_BYTES};
 use session_client::Client;
 use tonic::Code;
-
-const MAX_CHUNK_BYTES: usize = 1024;
 
 fn plan(dir: &Path, extra_toml: &str) -> JobPlan {
     let text: String = (0..200)
@@ -67,30 +66,6 @@ chunk_timeout_ms = 2000
         .unwrap()
         .validate()
         .unwrap()
-}
-
-struct Running {
-    addr: String,
-    outcome: tokio::task::JoinHandle<JobOutcome>,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn start(plan: JobPlan) -> Running {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let outcome = tokio::spawn(async move {
-        server::run(listener, plan, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("server ran")
-    });
-    Running {
-        addr,
-        outcome,
-        _stop: stop,
-    }
 }
 
 async fn client(addr: &str) -> Client {
@@ -166,56 +141,6 @@ fn header(worker: &str, round: u64, version: u64, dtype: pb::DType) -> pb::Updat
                 eval_tokens: 0,
             }),
         })),
-    }
-}
-
-fn chunk(tensor_index: u32, offset: u64, data: Vec<u8>) -> pb::UpdateChunk {
-    pb::UpdateChunk {
-        kind: Some(pb::update_chunk::Kind::Chunk(pb::TensorChunk {
-            tensor_index,
-            offset,
-            data: data.into(),
-        })),
-    }
-}
-
-/// The whole update as well-formed chunks, in order.
-fn chunks(layout: &ParamLayout, values: &[f32]) -> Vec<pb::UpdateChunk> {
-    let per = MAX_CHUNK_BYTES / 4;
-    let mut out = Vec::new();
-    for (index, slot) in layout.tensors().iter().enumerate() {
-        let mut offset = 0;
-        while offset < slot.numel {
-            let len = per.min(slot.numel - offset);
-            let part = &values[slot.offset + offset..slot.offset + offset + len];
-            out.push(chunk(index as u32, offset as u64, encode(DType::F32, part)));
-            offset += len;
-        }
-    }
-    out
-}
-
-async fn push(
-    c: &mut Client,
-    messages: Vec<pb::UpdateChunk>,
-) -> Result<pb::PushUpdateResponse, tonic::Status> {
-    c.push_update(tokio_stream::iter(messages))
-        .await
-        .map(|r| r.into_inner())
-}
-
-#[track_caller]
-fn assert_refused(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
-    match result {
-        Ok(ok) => panic!("expected {code:?} ({needle}), got {ok:?}"),
-        Err(status) => {
-            assert_eq!(status.code(), code, "{status:?}");
-            assert!(
-                status.message().contains(needle),
-                "{:?} does not mention {needle:?}",
-                status.message()
-            );
-        }
     }
 }
 
