@@ -229,6 +229,8 @@ fn federated_spec_to_proto(plan: &JobPlan, f: &FederatedPlan) -> pb::FederatedSp
         } as i32,
         client_noise_stddev: f.client_noise_stddev,
         base_tensors: tensor_specs_to_proto(&f.base_tensors),
+        task: pb::FederatedTask::NextToken as i32,
+        num_classes: 0,
     }
 }
 
@@ -284,6 +286,7 @@ pub fn status_to_proto(
         privacy,
         rounds_per_second: progress.rounds_per_second(now),
         eta_seconds,
+        last_eval_accuracy: None,
     }
 }
 

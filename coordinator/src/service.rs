@@ -501,4 +501,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .await?;
         Ok(Response::new(status))
     }
+
+    #[instrument(skip_all)]
+    async fn stop(
+        &self,
+        request: Request<pb::StopRequest>,
+    ) -> Result<Response<pb::StopResponse>, Status> {
+        self.admit_operator(&request)?;
+        Err(Status::unimplemented(
+            "Stop is not served yet: send SIGTERM to the coordinator",
+        ))
+    }
 }

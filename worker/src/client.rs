@@ -266,6 +266,7 @@ impl Tasks for Pretrain {
                 version: task.version,
                 loss: out.loss,
                 tokens: out.tokens,
+                accuracy: None,
             })
             .await?;
         self.summary.evals_reported += 1;

@@ -349,6 +349,7 @@ impl Tasks for Site {
                 version: task.version,
                 loss: out.loss,
                 tokens: out.tokens,
+                accuracy: None,
             })
             .await?;
         self.summary.evals_reported += 1;

@@ -259,6 +259,13 @@ impl Coordinator for Mock {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         Err(Status::unimplemented("the mock has no status"))
     }
+
+    async fn stop(
+        &self,
+        _request: Request<pb::StopRequest>,
+    ) -> Result<Response<pb::StopResponse>, Status> {
+        Err(Status::unimplemented("the mock has no stop"))
+    }
 }
 
 async fn serve(mock: Mock) -> String {
