@@ -420,6 +420,7 @@ mod tests {
             dp_mode: pb::DpMode::Distributed as i32,
             client_noise_stddev: 0.01,
             base_tensors: wire(&model.tensor_specs()),
+            ..Default::default()
         });
         spec
     }
