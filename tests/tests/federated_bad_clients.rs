@@ -96,6 +96,7 @@ fn header(worker: &str, round: u64) -> pb::UpdateChunk {
                 train_seconds: 0.1,
                 eval_loss: Some(4.5),
                 eval_tokens: 16,
+                eval_accuracy: None,
             }),
         })),
     }

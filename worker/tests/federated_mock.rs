@@ -88,6 +88,7 @@ fn lora_job(clip_norm: f64, noise_stddev: f64) -> pb::JobSpec {
             } as i32,
             client_noise_stddev: noise_stddev,
             base_tensors: wire(&model.tensor_specs()),
+            ..Default::default()
         }),
     }
 }
@@ -268,6 +269,13 @@ impl Coordinator for Mock {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         Err(Status::unimplemented("the mock has no status"))
+    }
+
+    async fn stop(
+        &self,
+        _request: Request<pb::StopRequest>,
+    ) -> Result<Response<pb::StopResponse>, Status> {
+        Err(Status::unimplemented("the mock has no stop"))
     }
 }
 

@@ -453,6 +453,7 @@ impl Client {
                 train_seconds: start.elapsed().as_secs_f64(),
                 eval_loss: (!task.eval_shards.is_empty()).then_some(5.5),
                 eval_tokens,
+                eval_accuracy: None,
             }),
         };
         let seed = self
@@ -493,6 +494,7 @@ impl Client {
             version: task.version,
             loss: 5.4,
             tokens: task.eval_shards.iter().map(|s| s.num_tokens).sum(),
+            accuracy: None,
         };
         self.call("report_eval", |mut c| {
             let request = request.clone();
