@@ -158,6 +158,7 @@ fn header(worker: &str, round: u64, version: u64) -> pb::UpdateChunk {
                 train_seconds: 0.5,
                 eval_loss: Some(3.5),
                 eval_tokens: 32,
+                eval_accuracy: None,
             }),
         })),
     }
@@ -362,6 +363,7 @@ async fn a_budget_too_small_for_one_round_ends_the_job_before_anyone_trains() {
             version: 0,
             loss: 5.5,
             tokens: 100,
+            accuracy: None,
         })
         .await
         .unwrap();

@@ -190,6 +190,7 @@ fn header(worker: &str, round: u64, version: u64) -> pb::UpdateChunk {
                 train_seconds: 0.5,
                 eval_loss: None,
                 eval_tokens: 0,
+                eval_accuracy: None,
             }),
         })),
     }

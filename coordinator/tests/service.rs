@@ -139,6 +139,7 @@ fn header(worker: &str, round: u64, version: u64, dtype: pb::DType) -> pb::Updat
                 train_seconds: 0.5,
                 eval_loss: None,
                 eval_tokens: 0,
+                eval_accuracy: None,
             }),
         })),
     }
@@ -418,6 +419,7 @@ async fn every_bad_request_is_refused_and_a_clean_round_commits_exactly() {
             version: 1,
             loss: 2.0,
             tokens: 8,
+            accuracy: None,
         })
         .await,
         Code::FailedPrecondition,
@@ -428,6 +430,7 @@ async fn every_bad_request_is_refused_and_a_clean_round_commits_exactly() {
         version: 1,
         loss: 2.5,
         tokens: 8,
+        accuracy: None,
     })
     .await
     .unwrap();
@@ -551,6 +554,7 @@ async fn a_worker_cannot_heartbeat_pull_or_push_as_another() {
             version: 0,
             loss: 1.0,
             tokens: 1,
+            accuracy: None,
         })
         .await,
         Code::PermissionDenied,

@@ -189,6 +189,7 @@ impl Worker {
                     train_seconds: 0.5,
                     eval_loss: None,
                     eval_tokens: 0,
+                    eval_accuracy: None,
                 }),
             })),
         }];
