@@ -423,6 +423,7 @@ async fn simulated_worker(
                 train_seconds: 0.0,
                 eval_loss: None,
                 eval_tokens: 0,
+                eval_accuracy: None,
             }),
         })),
     };
