@@ -242,6 +242,9 @@ pub struct EngineSnapshot {
     pub epochs_completed: u64,
     pub phase: SnapshotPhase,
     pub final_eval_loss: Option<f64>,
+    /// Absent in snapshots written before classification jobs existed.
+    #[serde(default)]
+    pub final_eval_accuracy: Option<f64>,
     pub outer: OuterOptimizerConfig,
     /// What the parameters are: restoring onto other tensors is refused.
     pub tensors: Vec<TensorIdentity>,
@@ -344,7 +347,61 @@ pub struct PushStats {
     pub tokens: u64,
     pub train_seconds: f64,
     pub eval_loss: Option<f64>,
+    /// The weight of `eval_loss`: tokens, or examples for classification.
     pub eval_tokens: u64,
+    /// Fraction of held-out examples classified correctly (classification).
+    pub eval_accuracy: Option<f64>,
+}
+
+/// A held-out evaluation a worker reports: the mean loss, its weight
+/// (tokens, or examples for classification) and, for classification, the
+/// fraction classified correctly.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EvalScore {
+    pub loss: f64,
+    pub weight: u64,
+    pub accuracy: Option<f64>,
+}
+
+impl EvalScore {
+    /// A loss without accuracy (next-token prediction).
+    pub fn loss(loss: f64, weight: u64) -> EvalScore {
+        EvalScore {
+            loss,
+            weight,
+            accuracy: None,
+        }
+    }
+}
+
+/// Weighted means of reported evaluations: the loss over all, the
+/// accuracy over those that carry one.
+#[derive(Clone, Copy, Debug, Default)]
+struct EvalMean {
+    loss_sum: f64,
+    loss_weight: u64,
+    accuracy_sum: f64,
+    accuracy_weight: u64,
+}
+
+impl EvalMean {
+    fn add(&mut self, loss: f64, weight: u64, accuracy: Option<f64>) {
+        let weight = weight.max(1);
+        self.loss_sum += loss * weight as f64;
+        self.loss_weight += weight;
+        if let Some(accuracy) = accuracy {
+            self.accuracy_sum += accuracy * weight as f64;
+            self.accuracy_weight += weight;
+        }
+    }
+
+    fn loss(&self) -> Option<f64> {
+        (self.loss_weight > 0).then(|| self.loss_sum / self.loss_weight as f64)
+    }
+
+    fn accuracy(&self) -> Option<f64> {
+        (self.accuracy_weight > 0).then(|| self.accuracy_sum / self.accuracy_weight as f64)
+    }
 }
 
 /// A push's header, as received.
@@ -404,6 +461,8 @@ pub struct RoundSummary {
     pub wall: Duration,
     /// Held-out loss of `base_version`, when this round evaluated it.
     pub eval_loss: Option<f64>,
+    /// Held-out accuracy of `base_version` (classification jobs).
+    pub eval_accuracy: Option<f64>,
     pub epoch: u64,
     pub federated: Option<FederatedRoundSummary>,
 }
@@ -463,10 +522,12 @@ pub enum Event {
         version: Version,
         loss: f64,
         tokens: u64,
+        accuracy: Option<f64>,
     },
     JobFinished {
         version: Version,
         final_eval_loss: Option<f64>,
+        final_eval_accuracy: Option<f64>,
         rounds: u64,
         epochs: u64,
     },
@@ -569,10 +630,10 @@ enum Phase {
     },
     /// A federated job's training is over; every connected client evaluates
     /// the final version on its own held-out text until all have reported
-    /// or the deadline passes. Reports: (loss, tokens).
+    /// or the deadline passes.
     FederatedEval {
         asked: std::collections::BTreeSet<WorkerId>,
-        reports: BTreeMap<WorkerId, (f64, u64)>,
+        reports: BTreeMap<WorkerId, EvalScore>,
         deadline: Instant,
     },
     Finished,
@@ -598,6 +659,7 @@ pub struct RoundEngine {
     round: Option<ActiveRound>,
     phase: Phase,
     final_eval_loss: Option<f64>,
+    final_eval_accuracy: Option<f64>,
     events: Vec<Event>,
     /// Privacy spent so far (federated jobs with DP).
     privacy: PrivacyLedger,
@@ -687,6 +749,7 @@ impl RoundEngine {
             round: None,
             phase: Phase::Training,
             final_eval_loss: None,
+            final_eval_accuracy: None,
             events: Vec::new(),
             privacy: PrivacyLedger::default(),
             sampling_rng: SplitMix64::new(
@@ -829,6 +892,29 @@ impl RoundEngine {
     /// The job is finished and every live worker has been told so.
     pub fn all_workers_released(&self) -> bool {
         self.is_finished() && self.workers.values().all(|w| w.told_done)
+    }
+
+    /// Ends the job now at the current version, as an operator asked: the
+    /// open round (and a DP round waiting for its release) is dropped
+    /// uncommitted, its shards go back to the pool, no round starts again,
+    /// and every worker's next task is Done with `reason`. Emits no event:
+    /// the caller checkpoints before stopping, and a restart resumes from
+    /// that checkpoint (restore derives the phase from the limits). Does
+    /// nothing once the job is finished.
+    pub fn stop(&mut self, reason: String) {
+        if self.is_finished() {
+            return;
+        }
+        if let Some(round) = self.round.take() {
+            for &worker in round.participants.keys() {
+                self.scheduler.release(worker);
+            }
+        }
+        self.pending_release = None;
+        // Drops an open push too.
+        self.accumulator.reset();
+        self.stop_reason = Some(reason);
+        self.phase = Phase::Finished;
     }
 
     pub fn drain_events(&mut self) -> Vec<Event> {
@@ -1332,6 +1418,12 @@ impl RoundEngine {
                 "eval_loss must be finite and non-negative",
             ));
         }
+        if stats
+            .eval_accuracy
+            .is_some_and(|a| !(0.0..=1.0).contains(&a))
+        {
+            return Err(EngineError::InvalidStats("eval_accuracy must be in [0, 1]"));
+        }
         if self.accumulator.is_push_open() {
             return Err(EngineError::PushInProgress);
         }
@@ -1544,22 +1636,24 @@ impl RoundEngine {
         &mut self,
         worker: WorkerId,
         version: Version,
-        loss: f64,
-        tokens: u64,
+        score: EvalScore,
         now: Instant,
     ) -> Result<(), EngineError> {
         self.touch(worker, now)?;
-        if !loss.is_finite() || loss < 0.0 {
+        if !score.loss.is_finite() || score.loss < 0.0 {
             return Err(EngineError::InvalidStats(
                 "eval loss must be finite and non-negative",
             ));
+        }
+        if score.accuracy.is_some_and(|a| !(0.0..=1.0).contains(&a)) {
+            return Err(EngineError::InvalidStats("eval accuracy must be in [0, 1]"));
         }
         if let Phase::FederatedEval { asked, reports, .. } = &mut self.phase {
             if version != self.version || !asked.contains(&worker) || reports.contains_key(&worker)
             {
                 return Err(EngineError::UnexpectedEval { worker, version });
             }
-            reports.insert(worker, (loss, tokens));
+            reports.insert(worker, score);
             self.maybe_finish_federated_eval(now);
             return Ok(());
         }
@@ -1569,11 +1663,13 @@ impl RoundEngine {
         if version != self.version || !assignee.is_some_and(|(w, _)| w == worker) {
             return Err(EngineError::UnexpectedEval { worker, version });
         }
-        self.final_eval_loss = Some(loss);
+        self.final_eval_loss = Some(score.loss);
+        self.final_eval_accuracy = score.accuracy;
         self.events.push(Event::EvalReported {
             version,
-            loss,
-            tokens,
+            loss: score.loss,
+            tokens: score.weight,
+            accuracy: score.accuracy,
         });
         self.finish();
         Ok(())
@@ -1715,6 +1811,7 @@ impl RoundEngine {
             bytes_pushed: round.bytes_pushed,
             wall,
             eval_loss,
+            eval_accuracy: None,
             epoch: self.scheduler.epoch(),
             federated: None,
         }));
@@ -1820,18 +1917,18 @@ impl RoundEngine {
         if !everyone && now < *deadline {
             return;
         }
-        let tokens: u64 = reports.values().map(|&(_, t)| t.max(1)).sum();
-        if tokens > 0 {
-            let loss = reports
-                .values()
-                .map(|&(l, t)| l * t.max(1) as f64)
-                .sum::<f64>()
-                / tokens as f64;
+        let mut mean = EvalMean::default();
+        for score in reports.values() {
+            mean.add(score.loss, score.weight, score.accuracy);
+        }
+        if let Some(loss) = mean.loss() {
             self.final_eval_loss = Some(loss);
+            self.final_eval_accuracy = mean.accuracy();
             self.events.push(Event::EvalReported {
                 version: self.version,
                 loss,
-                tokens,
+                tokens: mean.loss_weight,
+                accuracy: mean.accuracy(),
             });
         }
         self.finish();
@@ -1874,15 +1971,13 @@ impl RoundEngine {
         let base_version = self.publish_next_version(divisor);
 
         let (mut tokens, mut weighted_loss) = (0u64, 0.0);
-        let (mut eval_tokens, mut weighted_eval) = (0u64, 0.0);
+        let mut eval = EvalMean::default();
         for participant in round.participants.values() {
             if let PushState::Pushed(stats) = participant.state {
                 tokens += stats.tokens;
                 weighted_loss += stats.mean_loss * stats.tokens as f64;
                 if let Some(loss) = stats.eval_loss {
-                    let weight = stats.eval_tokens.max(1);
-                    eval_tokens += weight;
-                    weighted_eval += loss * weight as f64;
+                    eval.add(loss, stats.eval_tokens, stats.eval_accuracy);
                 }
             }
         }
@@ -1904,7 +1999,8 @@ impl RoundEngine {
             bytes_pulled: round.bytes_pulled,
             bytes_pushed: round.bytes_pushed,
             wall,
-            eval_loss: (eval_tokens > 0).then(|| weighted_eval / eval_tokens as f64),
+            eval_loss: eval.loss(),
+            eval_accuracy: eval.accuracy(),
             epoch: 0,
             federated: Some(FederatedRoundSummary {
                 sampled,
@@ -1943,6 +2039,7 @@ impl RoundEngine {
                 Phase::Finished => SnapshotPhase::Finished,
             },
             final_eval_loss: self.final_eval_loss,
+            final_eval_accuracy: self.final_eval_accuracy,
             outer: self.outer.config(),
             tensors: tensor_identities(&self.config.tensors),
             train_shards: self.shards.values().cloned().collect(),
@@ -2014,6 +2111,7 @@ impl RoundEngine {
             (true, SnapshotPhase::Finished) => {
                 engine.phase = Phase::Finished;
                 engine.final_eval_loss = snapshot.final_eval_loss;
+                engine.final_eval_accuracy = snapshot.final_eval_accuracy;
             }
             (true, _) if engine.eval_shards.is_empty() => engine.finish(),
             (true, _) => engine.phase = Phase::FinalEval { assignee: None },
@@ -2026,6 +2124,7 @@ impl RoundEngine {
         self.events.push(Event::JobFinished {
             version: self.version,
             final_eval_loss: self.final_eval_loss,
+            final_eval_accuracy: self.final_eval_accuracy,
             rounds: self.committed_rounds,
             epochs: self.epochs_completed,
         });
@@ -2102,6 +2201,7 @@ mod tests {
                 train_seconds: 0.1,
                 eval_loss: None,
                 eval_tokens: 0,
+                eval_accuracy: None,
             },
         }
     }
@@ -2491,14 +2591,15 @@ mod tests {
         assert_eq!((version, eval_shards.len()), (Version(1), 1));
         assert!(matches!(e.next_task(b, t0), Ok(Task::Wait { .. })));
         assert_eq!(
-            e.report_eval(b, version, 1.0, 10, t0),
+            e.report_eval(b, version, EvalScore::loss(1.0, 10), t0),
             Err(EngineError::UnexpectedEval { worker: b, version })
         );
         assert!(matches!(
-            e.report_eval(a, version, f64::NAN, 10, t0),
+            e.report_eval(a, version, EvalScore::loss(f64::NAN, 10), t0),
             Err(EngineError::InvalidStats(_))
         ));
-        e.report_eval(a, version, 1.25, 10, t0).unwrap();
+        e.report_eval(a, version, EvalScore::loss(1.25, 10), t0)
+            .unwrap();
         assert!(matches!(e.next_task(a, t0), Ok(Task::Done { .. })));
         assert!(!e.all_workers_released());
         assert!(matches!(e.next_task(b, t0), Ok(Task::Done { .. })));

@@ -45,6 +45,31 @@ pub enum DpMode {
     Central,
 }
 
+/// What the clients learn from their local data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FederatedTask {
+    /// Next-token prediction on each site's text.
+    NextToken,
+    /// Sequence classification of each site's labeled examples with a
+    /// linear head (`ModelConfig::classifier_specs`) on the model's mean
+    /// final hidden state.
+    Classification { num_classes: u32 },
+}
+
+impl FederatedTask {
+    /// The most classes a classification job may have.
+    pub const MAX_CLASSES: u32 = 1024;
+
+    /// The classes of a classification task; `None` for next-token.
+    pub fn num_classes(&self) -> Option<u32> {
+        match *self {
+            FederatedTask::NextToken => None,
+            FederatedTask::Classification { num_classes } => Some(num_classes),
+        }
+    }
+}
+
 /// The federated part of a job, as the engine enforces it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FederatedRules {

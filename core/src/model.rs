@@ -203,7 +203,33 @@ impl ModelConfig {
         }
         specs
     }
+
+    /// The linear head of a sequence classifier: `cls_head.weight`
+    /// `[num_classes, d_model]` and `cls_head.bias` `[num_classes]`, applied
+    /// to the final (layer-normed) hidden states averaged over the example's
+    /// tokens. Trained and sent in every round of a classification job.
+    pub fn classifier_specs(&self, num_classes: u32) -> Vec<TensorSpec> {
+        let d = self.d_model as usize;
+        let k = num_classes as usize;
+        vec![
+            TensorSpec {
+                name: CLASSIFIER_WEIGHT.to_string(),
+                shape: vec![k, d],
+                init: Init::Normal { std: 0.02 },
+            },
+            TensorSpec {
+                name: CLASSIFIER_BIAS.to_string(),
+                shape: vec![k],
+                init: Init::Zeros,
+            },
+        ]
+    }
 }
+
+/// The classification head's weight, `[num_classes, d_model]`.
+pub const CLASSIFIER_WEIGHT: &str = "cls_head.weight";
+/// The classification head's bias, `[num_classes]`.
+pub const CLASSIFIER_BIAS: &str = "cls_head.bias";
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use cohort_core::codec::{DType, FiniteValues};
 use cohort_core::engine::{
-    EngineConfig, EngineError, Event, PushHeader, PushStats, RoundEngine, Task, WorkerInfo,
+    EngineConfig, EngineError, EvalScore, Event, PushHeader, PushStats, RoundEngine, Task,
+    WorkerInfo,
 };
 use cohort_core::federated::{CohortSampling, DpMode, FederatedRules};
 use cohort_core::ids::{RoundId, Version, WorkerId};
@@ -83,6 +84,7 @@ fn stats() -> PushStats {
         train_seconds: 0.5,
         eval_loss: Some(2.5),
         eval_tokens: 50,
+        eval_accuracy: None,
     }
 }
 
@@ -108,11 +110,22 @@ fn push(
     values: &[f32],
     now: Instant,
 ) -> Result<(), EngineError> {
+    push_with(engine, worker, round, values, stats(), now)
+}
+
+fn push_with(
+    engine: &mut RoundEngine,
+    worker: WorkerId,
+    round: RoundId,
+    values: &[f32],
+    stats: PushStats,
+    now: Instant,
+) -> Result<(), EngineError> {
     let header = PushHeader {
         round,
         base_version: engine.version(),
         dtype: DType::F32,
-        stats: stats(),
+        stats,
     };
     engine.begin_push(worker, header, now)?;
     let mut offset_in_flat = 0;
@@ -274,7 +287,16 @@ fn the_budget_stops_the_job_before_a_round_that_would_overrun_it() {
     for (i, &client) in clients.iter().enumerate() {
         match e.next_task(client, now).unwrap() {
             Task::Eval { version, .. } => e
-                .report_eval(client, version, 1.0 + i as f64, 10, now)
+                .report_eval(
+                    client,
+                    version,
+                    EvalScore {
+                        loss: 1.0 + i as f64,
+                        weight: 10 * (i as u64 + 1),
+                        accuracy: Some(0.5 + 0.1 * i as f64),
+                    },
+                    now,
+                )
                 .unwrap(),
             other => panic!("expected Eval, got {other:?}"),
         }
@@ -283,12 +305,55 @@ fn the_budget_stops_the_job_before_a_round_that_would_overrun_it() {
     let events = e.drain_events();
     assert!(events.iter().any(|e| matches!(
         e,
-        Event::EvalReported { loss, tokens: 30, .. } if (*loss - 2.0).abs() < 1e-12
+        // Weighted by examples: (1·10 + 2·20 + 3·30) / 60 and (0.5·10 + 0.6·20 + 0.7·30) / 60.
+        Event::EvalReported { loss, tokens: 60, accuracy: Some(accuracy), .. }
+            if (*loss - 140.0 / 60.0).abs() < 1e-12 && (*accuracy - 38.0 / 60.0).abs() < 1e-12
     )));
     match e.next_task(clients[0], now) {
         Ok(Task::Done { reason }) => assert!(reason.contains("privacy budget"), "{reason}"),
         other => panic!("expected Done, got {other:?}"),
     }
+}
+
+#[test]
+fn a_round_reports_the_example_weighted_accuracy_of_its_pushes() {
+    let now = Instant::now();
+    let mut e = engine(rules(DpMode::None, 1.0, 0.0), 2, 1);
+    let clients = join_clients(&mut e, 2, now);
+    let cohort = cohort_round(&mut e, &clients, now);
+    assert_eq!(cohort.len(), 2);
+    let (first, round) = cohort[0];
+    // An accuracy outside [0, 1] is refused before any chunk is taken.
+    let bad = PushStats {
+        eval_accuracy: Some(1.01),
+        ..stats()
+    };
+    assert!(matches!(
+        push_with(&mut e, first, round, &update(0.2), bad, now),
+        Err(EngineError::InvalidStats(_))
+    ));
+    for (i, &(worker, round)) in cohort.iter().enumerate() {
+        let stats = PushStats {
+            eval_loss: Some(0.5 + i as f64),
+            eval_tokens: 30 + 10 * i as u64,
+            eval_accuracy: Some(0.6 + 0.2 * i as f64),
+            ..stats()
+        };
+        push_with(&mut e, worker, round, &update(0.2), stats, now).unwrap();
+    }
+    let summary = e
+        .drain_events()
+        .into_iter()
+        .find_map(|event| match event {
+            Event::RoundCommitted(summary) => Some(summary),
+            _ => None,
+        })
+        .expect("the round committed");
+    // (0.5·30 + 1.5·40) / 70 and (0.6·30 + 0.8·40) / 70.
+    let loss = summary.eval_loss.unwrap();
+    let accuracy = summary.eval_accuracy.unwrap();
+    assert!((loss - 75.0 / 70.0).abs() < 1e-12, "{loss}");
+    assert!((accuracy - 50.0 / 70.0).abs() < 1e-12, "{accuracy}");
 }
 
 #[test]
@@ -305,8 +370,23 @@ fn the_final_evaluation_ends_at_its_deadline_with_the_reports_it_has() {
         panic!("expected an evaluation");
     };
     // Nobody else was asked: an unasked report is refused.
-    assert!(e.report_eval(clients[1], version, 1.0, 5, now).is_err());
-    e.report_eval(clients[0], version, 3.0, 5, now).unwrap();
+    assert!(e
+        .report_eval(clients[1], version, EvalScore::loss(1.0, 5), now)
+        .is_err());
+    // An accuracy outside [0, 1] is refused and the report can be sent again.
+    for accuracy in [1.5, -0.1, f64::NAN] {
+        let score = EvalScore {
+            loss: 3.0,
+            weight: 5,
+            accuracy: Some(accuracy),
+        };
+        assert!(matches!(
+            e.report_eval(clients[0], version, score, now),
+            Err(EngineError::InvalidStats(_))
+        ));
+    }
+    e.report_eval(clients[0], version, EvalScore::loss(3.0, 5), now)
+        .unwrap();
     assert!(!e.is_finished(), "waits for the other client");
     e.tick(now + Duration::from_secs(31));
     assert!(e.is_finished());

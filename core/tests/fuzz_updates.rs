@@ -75,6 +75,7 @@ fn header(round: RoundId) -> PushHeader {
             train_seconds: 0.1,
             eval_loss: None,
             eval_tokens: 0,
+            eval_accuracy: None,
         },
     }
 }
