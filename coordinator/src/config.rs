@@ -128,12 +128,18 @@ impl Default for DpSection {
     }
 }
 
-/// One line of the enrollment file.
+/// One line of the enrollment file: a site, known by its token, by the name
+/// on its client certificate, or both.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EnrolledClient {
     name: String,
-    token_sha256: String,
+    #[serde(default)]
+    token_sha256: Option<String>,
+    /// Matched against the subject CN and the DNS names (SAN) of the
+    /// certificate a client presents under mutual TLS, ignoring ASCII case.
+    #[serde(default)]
+    certificate_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -167,6 +173,9 @@ pub struct FederatedPlan {
     pub trainable: Trainable,
     /// SHA-256 (lowercase hex) of each enrolled token → the client's name.
     pub clients: BTreeMap<String, String>,
+    /// Certificate name (ASCII lowercase) → the client's name, for sites
+    /// enrolled by their client certificate (mutual TLS).
+    pub certificate_names: BTreeMap<String, String>,
     /// The frozen model under LoRA adapters (empty for full fine-tuning).
     pub base_tensors: Vec<TensorSpec>,
     pub base_params: Option<SharedParams>,
@@ -676,7 +685,7 @@ impl JobFile {
                 ),
             ));
         }
-        let clients = load_enrollment(&section.enrollment)?;
+        let enrollment = load_enrollment(&section.enrollment)?;
         let sampling = match (section.sample_rate, section.cohort_size) {
             (Some(rate), None) => CohortSampling::Poisson { rate },
             (None, Some(size)) => CohortSampling::Fixed {
@@ -708,7 +717,7 @@ impl JobFile {
         };
         let rules = FederatedRules {
             sampling,
-            enrolled_clients: clients.len(),
+            enrolled_clients: enrollment.sites,
             clip_norm: dp.clip_norm,
             dp_mode: dp.mode,
             noise_multiplier: dp.noise_multiplier,
@@ -808,7 +817,8 @@ impl JobFile {
             initial_params: None,
             federated: Some(FederatedPlan {
                 trainable,
-                clients,
+                clients: enrollment.tokens,
+                certificate_names: enrollment.certificate_names,
                 base_tensors,
                 base_params,
                 initial_params,
@@ -828,43 +838,102 @@ fn secret_seed() -> Result<u64, ConfigError> {
     Ok(u64::from_le_bytes(bytes))
 }
 
-/// Reads the enrollment file: token SHA-256 → client name, both unique.
-fn load_enrollment(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
+/// The enrolled sites, by the credentials they can join with.
+#[derive(Clone, Debug, Default)]
+struct Enrollment {
+    /// Token SHA-256 (lowercase hex) → site name.
+    tokens: BTreeMap<String, String>,
+    /// Certificate name (ASCII lowercase) → site name.
+    certificate_names: BTreeMap<String, String>,
+    /// How many sites are enrolled.
+    sites: usize,
+}
+
+/// The longest certificate name accepted (a DNS name's limit).
+const MAX_CERTIFICATE_NAME: usize = 253;
+
+/// Reads the enrollment file. Each `[[client]]` has a unique, non-empty
+/// `name` and at least one of `token_sha256` (64 hex digits) and
+/// `certificate_name` (printable, no spaces, at most 253 bytes); no token
+/// and no certificate name (ignoring ASCII case) is enrolled twice.
+fn load_enrollment(path: &Path) -> Result<Enrollment, ConfigError> {
     let field = "federated.enrollment";
+    let file_name = path.display();
     let text = std::fs::read_to_string(path)
-        .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
+        .map_err(|e| invalid(field, format!("cannot read {file_name}: {e}")))?;
     let file: EnrollmentFile =
-        toml::from_str(&text).map_err(|e| invalid(field, format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| invalid(field, format!("{file_name}: {e}")))?;
     if file.client.is_empty() {
-        return Err(invalid(
-            field,
-            format!("{} enrolls no clients", path.display()),
-        ));
+        return Err(invalid(field, format!("{file_name} enrolls no clients")));
     }
-    let mut clients = BTreeMap::new();
+    let mut enrollment = Enrollment::default();
     let mut names = std::collections::BTreeSet::new();
     for client in file.client {
-        let hash = client.token_sha256.to_ascii_lowercase();
-        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let name = client.name;
+        if name.trim().is_empty() {
             return Err(invalid(
                 field,
-                format!("client {}: token_sha256 must be 64 hex digits", client.name),
+                format!("{file_name}: a [[client]] has an empty name"),
             ));
         }
-        if client.name.is_empty() || !names.insert(client.name.clone()) {
+        if !names.insert(name.clone()) {
             return Err(invalid(
                 field,
-                format!("client name {:?} is empty or enrolled twice", client.name),
+                format!("{file_name}: client name {name:?} is enrolled twice"),
             ));
         }
-        if clients.insert(hash, client.name.clone()).is_some() {
+        if client.token_sha256.is_none() && client.certificate_name.is_none() {
             return Err(invalid(
                 field,
-                format!("client {}: the same token is enrolled twice", client.name),
+                format!(
+                    "{file_name}: client {name:?} has neither token_sha256 nor certificate_name; \
+                     give one or both"
+                ),
             ));
         }
+        if let Some(hash) = client.token_sha256 {
+            let hash = hash.to_ascii_lowercase();
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    field,
+                    format!("{file_name}: client {name:?}: token_sha256 must be 64 hex digits"),
+                ));
+            }
+            if let Some(other) = enrollment.tokens.insert(hash, name.clone()) {
+                return Err(invalid(
+                    field,
+                    format!("{file_name}: clients {other:?} and {name:?} have the same token"),
+                ));
+            }
+        }
+        if let Some(certificate_name) = client.certificate_name {
+            if certificate_name.is_empty()
+                || certificate_name.len() > MAX_CERTIFICATE_NAME
+                || !certificate_name.chars().all(|c| c.is_ascii_graphic())
+            {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{file_name}: client {name:?}: certificate_name {certificate_name:?} must be \
+                         1 to {MAX_CERTIFICATE_NAME} printable ASCII characters without spaces \
+                         (a certificate's CN or DNS name)"
+                    ),
+                ));
+            }
+            let key = certificate_name.to_ascii_lowercase();
+            if let Some(other) = enrollment.certificate_names.insert(key, name.clone()) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{file_name}: clients {other:?} and {name:?} have the same certificate_name \
+                         {certificate_name:?} (names are compared ignoring ASCII case)"
+                    ),
+                ));
+            }
+        }
+        enrollment.sites += 1;
     }
-    Ok(clients)
+    Ok(enrollment)
 }
 
 #[cfg(test)]
@@ -1056,18 +1125,98 @@ delta = 1e-5
     #[test]
     fn a_malformed_enrollment_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        for (enrollment, needle) in [
-            ("[[client]]\nname = \"a\"\ntoken_sha256 = \"abc\"\n", "64 hex digits"),
-            ("", "enrolls no clients"),
+        let hash = |c: char| format!("token_sha256 = \"{}\"\n", c.to_string().repeat(64));
+        let cases = [
             (
-                "[[client]]\nname = \"a\"\ntoken_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n[[client]]\nname = \"a\"\ntoken_sha256 = \"1111111111111111111111111111111111111111111111111111111111111111\"\n",
-                "enrolled twice",
+                "[[client]]\nname = \"a\"\ntoken_sha256 = \"abc\"\n".to_string(),
+                "client \"a\": token_sha256 must be 64 hex digits",
             ),
-        ] {
+            (String::new(), "enrolls no clients"),
+            (
+                format!(
+                    "[[client]]\nname = \"a\"\n{}[[client]]\nname = \"a\"\n{}",
+                    hash('1'),
+                    hash('2')
+                ),
+                "client name \"a\" is enrolled twice",
+            ),
+            (
+                format!(
+                    "[[client]]\nname = \"a\"\n{}[[client]]\nname = \"b\"\n{}",
+                    hash('1'),
+                    hash('1')
+                ),
+                "clients \"a\" and \"b\" have the same token",
+            ),
+            (
+                format!("[[client]]\nname = \" \"\n{}", hash('1')),
+                "empty name",
+            ),
+            (
+                "[[client]]\nname = \"a\"\n".to_string(),
+                "client \"a\" has neither token_sha256 nor certificate_name",
+            ),
+            (
+                "[[client]]\nname = \"a\"\ncertificate_name = \"\"\n".to_string(),
+                "certificate_name \"\" must be 1 to 253 printable ASCII",
+            ),
+            (
+                "[[client]]\nname = \"a\"\ncertificate_name = \"client 01\"\n".to_string(),
+                "without spaces",
+            ),
+            (
+                format!(
+                    "[[client]]\nname = \"a\"\ncertificate_name = \"{}\"\n",
+                    "x".repeat(254)
+                ),
+                "must be 1 to 253",
+            ),
+            (
+                "[[client]]\nname = \"a\"\ncertificate_name = \"client-01\"\n\
+                 [[client]]\nname = \"b\"\ncertificate_name = \"Client-01\"\n"
+                    .to_string(),
+                "clients \"a\" and \"b\" have the same certificate_name \"Client-01\"",
+            ),
+            (
+                "[[client]]\nname = \"a\"\ncertificate = \"client-01\"\n".to_string(),
+                "unknown field `certificate`",
+            ),
+            (
+                "[[client]]\nname = \"a\"\ncertificate_name = 7\n".to_string(),
+                "invalid type",
+            ),
+        ];
+        for (enrollment, needle) in cases {
             let path = dir.path().join("enrollment.toml");
-            std::fs::write(&path, enrollment).unwrap();
+            std::fs::write(&path, &enrollment).unwrap();
             let err = load_enrollment(&path).unwrap_err().to_string();
             assert!(err.contains(needle), "{err} does not contain {needle}");
+            assert!(
+                err.contains("enrollment.toml"),
+                "{err} does not name the file"
+            );
         }
+    }
+
+    #[test]
+    fn sites_enroll_by_token_certificate_name_or_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("enrollment.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[client]]\nname = \"a\"\ntoken_sha256 = \"{TOKEN_HASH}\"\n\
+                 [[client]]\nname = \"b\"\ncertificate_name = \"Client-02\"\n\
+                 [[client]]\nname = \"c\"\ntoken_sha256 = \"{}\"\ncertificate_name = \"client-03\"\n",
+                "A".repeat(64)
+            ),
+        )
+        .unwrap();
+        let enrollment = load_enrollment(&path).unwrap();
+        assert_eq!(enrollment.sites, 3);
+        assert_eq!(enrollment.tokens.len(), 2);
+        assert_eq!(enrollment.tokens["a".repeat(64).as_str()], "c");
+        assert_eq!(enrollment.certificate_names["client-02"], "b");
+        assert_eq!(enrollment.certificate_names["client-03"], "c");
     }
 }

@@ -11,6 +11,8 @@
 //!   refusal to serve plaintext beyond loopback.
 //! - [`dev_certs`]: the `dev-certs` subcommand, a development CA and
 //!   certificates for a coordinator and its clients.
+//! - [`identity`]: who a federated client site is: enrollment token,
+//!   client certificate name, and the binding of a session to that certificate.
 //! - [`service`]: the tonic service, thin adapters over the engine.
 //! - [`actor`]: the single owner of the round engine, and its handle.
 //! - [`observe`]: Prometheus metrics (`/metrics`) and run progress.
@@ -34,6 +36,7 @@ pub mod data;
 pub mod dev_certs;
 pub mod federated_data;
 pub mod hf;
+pub mod identity;
 pub mod observe;
 pub mod planning;
 pub mod plot;

@@ -23,6 +23,7 @@ use crate::convert::{
     dtype_from_proto, job_spec_to_proto, push_header_from_proto, status_from_codec,
     status_from_engine, status_to_proto, task_to_proto, worker_id, worker_info_from_proto,
 };
+use crate::identity::{self, CertificateSite};
 use crate::observe::Observer;
 
 /// The SHA-256 of the operator's bearer token (the token itself is not kept).
@@ -128,9 +129,16 @@ impl CoordinatorService {
     }
 
     /// Checks that a joining process may take part: pretraining workers in a
-    /// pretraining job; in a federated job only clients with an enrolled
-    /// token, whose identity (the enrolled name) is returned.
-    fn admit(&self, role: i32, token: &str) -> Result<Option<String>, Status> {
+    /// pretraining job; in a federated job only enrolled client sites,
+    /// identified by their token or the certificate they presented (see
+    /// [`identity::admit_site`]), whose identity (the enrolled name) is
+    /// returned.
+    fn admit(
+        &self,
+        role: i32,
+        token: &str,
+        certificate: &CertificateSite,
+    ) -> Result<Option<String>, Status> {
         let federated_role = role == pb::Role::Federated as i32;
         let Some(federated) = &self.plan.federated else {
             if federated_role {
@@ -142,30 +150,51 @@ impl CoordinatorService {
         };
         if !federated_role {
             return Err(Status::permission_denied(
-                "this coordinator runs a federated job: join as a federated client (cohort-worker federated) with an enrollment token",
+                "this coordinator runs a federated job: join as a federated client (cohort-worker federated) with an enrollment token or an enrolled client certificate",
             ));
         }
-        if token.is_empty() {
-            return Err(Status::unauthenticated(
-                "a federated client must present its enrollment token",
-            ));
-        }
-        let digest = Sha256::digest(token.trim().as_bytes());
-        let hash: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        match federated.clients.get(&hash) {
-            Some(name) => Ok(Some(name.clone())),
-            None => {
-                warn!("join refused: unknown enrollment token");
-                Err(Status::unauthenticated("unknown enrollment token"))
-            }
-        }
+        identity::admit_site(
+            &federated.clients,
+            &federated.certificate_names,
+            certificate,
+            token,
+        )
+        .map(Some)
+    }
+
+    /// What the client certificate of `request` says about the caller. Only
+    /// a federated job's client sites are identified by certificate; for
+    /// pretraining and without mutual TLS this is [`CertificateSite::Absent`].
+    fn certificate_site<T>(&self, request: &Request<T>) -> Result<CertificateSite, Status> {
+        let Some(federated) = &self.plan.federated else {
+            return Ok(CertificateSite::Absent);
+        };
+        let Some(certificates) = request.peer_certs() else {
+            return Ok(CertificateSite::Absent);
+        };
+        let Some(leaf) = certificates.first() else {
+            return Ok(CertificateSite::Absent);
+        };
+        identity::site_of_certificate(leaf.as_ref(), &federated.certificate_names)
+    }
+
+    /// The session a worker call presents, bound to the site its certificate
+    /// names (see [`identity::session_digest`]).
+    fn worker_session<T>(&self, request: &Request<T>) -> Result<WorkerSession, Status> {
+        let certificate = self.certificate_site(request)?;
+        let digest = bearer_token(request.metadata())
+            .map(|token| identity::session_digest(token, certificate.site()));
+        Ok(WorkerSession {
+            digest,
+            certificate,
+        })
     }
 
     /// Streams the frozen base model under a federated job's LoRA adapters.
     async fn pull_base(
         &self,
         worker: WorkerId,
-        session: Option<SessionDigest>,
+        session: WorkerSession,
     ) -> Result<Response<PullStream>, Status> {
         let Some((layout, params)) = &self.base else {
             return Err(Status::failed_precondition(
@@ -173,11 +202,13 @@ impl CoordinatorService {
             ));
         };
         // Only members may pull, and pulling renews the lease.
+        let digest = session.digest;
         self.engine_call(move |engine, now| {
-            engine.authenticate(worker, session.as_ref())?;
+            engine.authenticate(worker, digest.as_ref())?;
             engine.heartbeat(worker, now)
         })
-        .await?;
+        .await
+        .map_err(|status| session.explain(worker, status))?;
         let permit = Arc::clone(&self.pull_permits)
             .acquire_owned()
             .await
@@ -257,14 +288,43 @@ impl CoordinatorService {
 }
 
 /// A new session for a joining worker: the token it is given (256 bits from
-/// the OS CSPRNG, hex) and the digest the coordinator keeps.
-fn new_session() -> Result<(String, SessionDigest), Status> {
+/// the OS CSPRNG, hex) and the digest the coordinator keeps, bound to `site`
+/// when the worker's certificate names one.
+fn new_session(site: Option<&str>) -> Result<(String, SessionDigest), Status> {
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret)
         .map_err(|e| Status::internal(format!("no randomness for a session token: {e}")))?;
     let token: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    let digest = session_digest(&token);
+    let digest = identity::session_digest(&token, site);
     Ok((token, digest))
+}
+
+/// The session a worker call presents and what its certificate names.
+struct WorkerSession {
+    digest: Option<SessionDigest>,
+    certificate: CertificateSite,
+}
+
+impl WorkerSession {
+    /// A session that does not match says why it may not when the call
+    /// carries a client certificate: its session may be bound to another
+    /// site's certificate.
+    fn explain(&self, worker: WorkerId, status: Status) -> Status {
+        let mismatch = EngineError::SessionMismatch(worker).to_string();
+        if status.code() != tonic::Code::PermissionDenied
+            || status.message() != mismatch
+            || self.certificate == CertificateSite::Absent
+        {
+            return status;
+        }
+        warn!(%worker, certificate = %self.certificate.describe(), "call refused: session and certificate do not match");
+        Status::permission_denied(format!(
+            "{mismatch}: the session token is not this worker's, or the session was admitted \
+             by a site's client certificate and this call came with {}; every call of a \
+             session needs the certificate it joined with",
+            self.certificate.describe()
+        ))
+    }
 }
 
 fn session_digest(token: &str) -> SessionDigest {
@@ -329,11 +389,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
+        let certificate = self.certificate_site(&request)?;
         let request = request.into_inner();
         let role = request.info.as_ref().map_or(0, |i| i.role);
         let mut info = worker_info_from_proto(request.info)?;
-        info.client = self.admit(role, &request.token)?;
-        let (session_token, session) = new_session()?;
+        info.client = self.admit(role, &request.token, &certificate)?;
+        let (session_token, session) = new_session(certificate.site())?;
         info.session = Some(session);
         let (worker, lease) = self
             .engine
@@ -353,15 +414,17 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let session = presented_session(&request);
+        let session = self.worker_session(&request)?;
+        let digest = session.digest;
         let worker = worker_id(&request.into_inner().worker_id)?;
         tracing::Span::current().record("worker", tracing::field::display(worker));
         let lease = self
             .engine_call(move |engine, now| {
-                engine.authenticate(worker, session.as_ref())?;
+                engine.authenticate(worker, digest.as_ref())?;
                 engine.heartbeat(worker, now)
             })
-            .await?;
+            .await
+            .map_err(|status| session.explain(worker, status))?;
         Ok(Response::new(pb::HeartbeatResponse {
             lease_ms: lease.as_millis() as u64,
         }))
@@ -372,15 +435,17 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::NextTaskRequest>,
     ) -> Result<Response<pb::NextTaskResponse>, Status> {
-        let session = presented_session(&request);
+        let session = self.worker_session(&request)?;
+        let digest = session.digest;
         let worker = worker_id(&request.into_inner().worker_id)?;
         tracing::Span::current().record("worker", tracing::field::display(worker));
         let task = self
             .engine_call(move |engine, now| {
-                engine.authenticate(worker, session.as_ref())?;
+                engine.authenticate(worker, digest.as_ref())?;
                 engine.next_task(worker, now)
             })
-            .await?;
+            .await
+            .map_err(|status| session.explain(worker, status))?;
         Ok(Response::new(task_to_proto(task)))
     }
 
@@ -391,7 +456,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::PullParamsRequest>,
     ) -> Result<Response<Self::PullParamsStream>, Status> {
-        let session = presented_session(&request);
+        let session = self.worker_session(&request)?;
+        let digest = session.digest;
         let request = request.into_inner();
         let worker = worker_id(&request.worker_id)?;
         let version = Version(request.version);
@@ -402,10 +468,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         }
         let params = self
             .engine_call(move |engine, now| {
-                engine.authenticate(worker, session.as_ref())?;
+                engine.authenticate(worker, digest.as_ref())?;
                 engine.pull(worker, version, now)
             })
-            .await?;
+            .await
+            .map_err(|status| session.explain(worker, status))?;
         let permit = Arc::clone(&self.pull_permits)
             .acquire_owned()
             .await
@@ -428,7 +495,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<Streaming<pb::UpdateChunk>>,
     ) -> Result<Response<pb::PushUpdateResponse>, Status> {
-        let session = presented_session(&request);
+        let session = self.worker_session(&request)?;
+        let digest = session.digest;
         let mut stream = request.into_inner();
         // Wait for the fold before reading anything: a waiting push then holds
         // only its HTTP/2 stream window in the coordinator, not decoded chunks.
@@ -451,10 +519,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         tracing::Span::current().record("worker", tracing::field::display(worker));
         tracing::Span::current().record("round", header.round.0);
         self.engine_call(move |engine, now| {
-            engine.authenticate(worker, session.as_ref())?;
+            engine.authenticate(worker, digest.as_ref())?;
             engine.begin_push(worker, header, now)
         })
-        .await?;
+        .await
+        .map_err(|status| session.explain(worker, status))?;
         match self.receive_push(worker, header.dtype, &mut stream).await {
             Ok(response) => Ok(Response::new(response)),
             Err(status) => {
@@ -474,15 +543,17 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::ReportEvalRequest>,
     ) -> Result<Response<pb::ReportEvalResponse>, Status> {
-        let session = presented_session(&request);
+        let session = self.worker_session(&request)?;
+        let digest = session.digest;
         let request = request.into_inner();
         let worker = worker_id(&request.worker_id)?;
         let (version, loss, tokens) = (Version(request.version), request.loss, request.tokens);
         self.engine_call(move |engine, now| {
-            engine.authenticate(worker, session.as_ref())?;
+            engine.authenticate(worker, digest.as_ref())?;
             engine.report_eval(worker, version, loss, tokens, now)
         })
-        .await?;
+        .await
+        .map_err(|status| session.explain(worker, status))?;
         Ok(Response::new(pb::ReportEvalResponse {}))
     }
 
