@@ -24,6 +24,11 @@
 //! - [`split_point`]: the held-out split of one client.
 //! - [`select_clients`]: which eligible clients take part.
 //! - [`render_enrollment`]: the enrollment file.
+//!
+//! The second source, [`sentiment`] (`--sentiment`), splits labelled
+//! sentences from three domains into sites by domain. Both sources write
+//! their sites through [`write_sites`]: the same output checks, per-site
+//! token (mode 0600) and enrollment file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -35,12 +40,25 @@ use sha2::{Digest, Sha256};
 
 use crate::data::{replace_atomically, write_atomically, DataError};
 
+pub mod sentiment;
+
 /// The enrollment file the coordinator reads, in the output directory.
 pub const ENROLLMENT_FILE: &str = "enrollment.toml";
 /// Per client: the training text, the held-out text and the secret token.
 pub const TRAIN_FILE: &str = "train.txt";
 pub const TEST_FILE: &str = "test.txt";
 pub const TOKEN_FILE: &str = "token";
+/// Per sentiment site: labelled sentences, one `{"text", "label"}` per line.
+pub const TRAIN_JSONL_FILE: &str = "train.jsonl";
+pub const TEST_JSONL_FILE: &str = "test.jsonl";
+/// Every file a site directory may hold (a previous run of either source).
+const SITE_FILES: [&str; 5] = [
+    TRAIN_FILE,
+    TEST_FILE,
+    TRAIN_JSONL_FILE,
+    TEST_JSONL_FILE,
+    TOKEN_FILE,
+];
 /// Bytes of OS randomness in a token; the file holds them as lowercase hex.
 pub const TOKEN_BYTES: usize = 32;
 
@@ -85,6 +103,33 @@ pub enum FederatedDataError {
     ForeignOutput { path: PathBuf, entry: String },
     #[error("two play files are both named {0:?}; client names would collide")]
     DuplicatePlay(String),
+    #[error(
+        "the sentiment file {0} does not exist (run `scripts/bootstrap.sh --corpus`, \
+         which puts imdb.json, yelp.json and amazon.json in ~/.cache/cohort/corpus/sentiment)"
+    )]
+    MissingSentimentFile(PathBuf),
+    #[error("{path} is not a JSON array of {{\"text\", \"class\"}} records: {source}")]
+    SentimentJson {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: record {index} (counting from 0): {reason}")]
+    SentimentRecord {
+        path: PathBuf,
+        index: usize,
+        reason: String,
+    },
+    #[error(
+        "the {domain} domain has {usable} usable sentences, but its {sites} sites need at \
+         least {needed} ({per_site} each); lower --clients"
+    )]
+    TooFewSentences {
+        domain: String,
+        usable: usize,
+        sites: usize,
+        needed: usize,
+        per_site: usize,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("cannot read OS randomness for a client token: {0}")]
@@ -358,7 +403,7 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
-    /// Fisher–Yates; the modulo bias is irrelevant for a few dozen items.
+    /// Fisher–Yates; the modulo bias (about n / 2^64) is irrelevant here.
     fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
             let j = (self.next() % (i as u64 + 1)) as usize;
@@ -574,14 +619,42 @@ pub struct FederatedReport {
     pub clients: Vec<PreparedClient>,
 }
 
+/// A plain-text table: `columns` are (header, right-aligned), cells are
+/// padded to the widest in their column and separated by two spaces.
+fn render_table(columns: &[(&str, bool)], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = columns.iter().map(|(h, _)| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    let header: Vec<String> = columns.iter().map(|(h, _)| (*h).to_owned()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, ((cell, width), (_, right))) in row.iter().zip(&widths).zip(columns).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            if *right {
+                let _ = write!(line, "{cell:>width$}");
+            } else {
+                let _ = write!(line, "{cell:<width$}");
+            }
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
+    text
+}
+
 /// The summary table `prepare-federated` prints: one row per client.
 pub fn render_summary(report: &FederatedReport) -> String {
-    let header = ["client", "play", "role", "train chars", "test chars"];
-    let rows: Vec<[String; 5]> = report
+    let rows: Vec<Vec<String>> = report
         .clients
         .iter()
         .map(|c| {
-            [
+            vec![
                 c.name.clone(),
                 c.play_title.clone(),
                 c.role.clone(),
@@ -590,33 +663,16 @@ pub fn render_summary(report: &FederatedReport) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(|h| h.chars().count());
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut text = String::new();
-    let mut line = |cells: [&str; 5]| {
-        let _ = writeln!(
-            text,
-            "{:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {:>w4$}",
-            cells[0],
-            cells[1],
-            cells[2],
-            cells[3],
-            cells[4],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2],
-            w3 = widths[3],
-            w4 = widths[4],
-        );
-    };
-    line(header);
-    for row in &rows {
-        line([&row[0], &row[1], &row[2], &row[3], &row[4]]);
-    }
+    let mut text = render_table(
+        &[
+            ("client", false),
+            ("play", false),
+            ("role", false),
+            ("train chars", true),
+            ("test chars", true),
+        ],
+        &rows,
+    );
     let _ = writeln!(
         text,
         "{} clients from {} plays ({} (play, role) pairs, {} eligible)",
@@ -691,7 +747,7 @@ fn is_previous_client_dir(dir: &Path) -> Result<bool, FederatedDataError> {
         let entry = entry.map_err(io_error(dir))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let ours = [TRAIN_FILE, TEST_FILE, TOKEN_FILE].iter().any(|file| {
+        let ours = SITE_FILES.iter().any(|file| {
             name == *file || name == Path::new(file).with_extension("tmp").to_string_lossy()
         });
         if !ours || !entry.path().is_file() {
@@ -778,18 +834,88 @@ fn speeches_text(speeches: &[String]) -> String {
     text
 }
 
+/// One client site to write: its directory name (`[a-z0-9-]`, unique) and
+/// its data files (names from [`SITE_FILES`], contents).
+#[derive(Clone, Debug)]
+pub struct SiteFiles {
+    pub name: String,
+    pub files: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// Writes client sites into `out`, for every source alike: `out` made ready
+/// (created; if not empty, refused without `force`, and with it cleared of a
+/// previous output of either source, never of anything else), then per site its data files and a fresh
+/// token (mode 0600), and last `enrollment.toml`, so that it never names a
+/// site whose token is not on disk yet. Returns the enrollment entries in
+/// the order of `sites`.
+pub fn write_sites(
+    out: &Path,
+    force: bool,
+    sites: &[SiteFiles],
+) -> Result<Vec<EnrolledClient>, FederatedDataError> {
+    let mut names = BTreeSet::new();
+    for site in sites {
+        let valid = !site.name.is_empty()
+            && site
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid || !names.insert(site.name.as_str()) {
+            return Err(FederatedDataError::Invalid(format!(
+                "site name {:?} is empty, not [a-z0-9-] or used twice",
+                site.name
+            )));
+        }
+        if let Some((file, _)) = site
+            .files
+            .iter()
+            .find(|(file, _)| *file == TOKEN_FILE || !SITE_FILES.contains(file))
+        {
+            return Err(FederatedDataError::Invalid(format!(
+                "site {} cannot hold a data file named {file}",
+                site.name
+            )));
+        }
+    }
+    prepare_output_dir(out, force)?;
+    let mut enrolled = Vec::with_capacity(sites.len());
+    for site in sites {
+        let dir = out.join(&site.name);
+        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        for (file, bytes) in &site.files {
+            write_atomically(&dir.join(file), bytes)?;
+        }
+        let token = new_token()?;
+        write_token(&dir.join(TOKEN_FILE), &token)?;
+        enrolled.push(EnrolledClient {
+            name: site.name.clone(),
+            token_sha256: token_sha256(&token),
+        });
+    }
+    write_atomically(
+        &out.join(ENROLLMENT_FILE),
+        render_enrollment(&enrolled).as_bytes(),
+    )?;
+    Ok(enrolled)
+}
+
+/// `--test-fraction` must leave something on both sides.
+fn check_test_fraction(test_fraction: f64) -> Result<(), FederatedDataError> {
+    if test_fraction > 0.0 && test_fraction < 1.0 {
+        Ok(())
+    } else {
+        Err(FederatedDataError::Invalid(format!(
+            "--test-fraction must be in (0, 1), got {test_fraction}"
+        )))
+    }
+}
+
 /// Reads the plays, chooses the clients and writes their data, tokens and
-/// the enrollment file (last, so it never names a client whose token is not
-/// on disk yet).
+/// the enrollment file through [`write_sites`].
 pub fn prepare_federated(
     options: &FederatedOptions,
 ) -> Result<FederatedReport, FederatedDataError> {
-    if !(options.test_fraction > 0.0 && options.test_fraction < 1.0) {
-        return Err(FederatedDataError::Invalid(format!(
-            "--test-fraction must be in (0, 1), got {}",
-            options.test_fraction
-        )));
-    }
+    check_test_fraction(options.test_fraction)?;
     let (plays, candidates) = load_candidates(&options.plays)?;
     let eligible = candidates
         .iter()
@@ -803,24 +929,19 @@ pub fn prepare_federated(
             seed: options.seed,
         },
     )?;
-    prepare_output_dir(&options.out, options.force)?;
-
     let mut prepared = Vec::with_capacity(chosen.len());
-    let mut enrolled = Vec::with_capacity(chosen.len());
+    let mut sites = Vec::with_capacity(chosen.len());
     for &index in &chosen {
         let client = &candidates[index];
         let chars: Vec<usize> = client.speeches.iter().map(|s| s.chars().count()).collect();
         let split = split_point(&chars, options.test_fraction);
         let (train, test) = client.speeches.split_at(split);
-        let dir = options.out.join(&client.name);
-        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-        write_atomically(&dir.join(TRAIN_FILE), speeches_text(train).as_bytes())?;
-        write_atomically(&dir.join(TEST_FILE), speeches_text(test).as_bytes())?;
-        let token = new_token()?;
-        write_token(&dir.join(TOKEN_FILE), &token)?;
-        enrolled.push(EnrolledClient {
+        sites.push(SiteFiles {
             name: client.name.clone(),
-            token_sha256: token_sha256(&token),
+            files: vec![
+                (TRAIN_FILE, speeches_text(train).into_bytes()),
+                (TEST_FILE, speeches_text(test).into_bytes()),
+            ],
         });
         prepared.push(PreparedClient {
             name: client.name.clone(),
@@ -833,10 +954,7 @@ pub fn prepare_federated(
             test_chars: chars[split..].iter().sum(),
         });
     }
-    write_atomically(
-        &options.out.join(ENROLLMENT_FILE),
-        render_enrollment(&enrolled).as_bytes(),
-    )?;
+    write_sites(&options.out, options.force, &sites)?;
     Ok(FederatedReport {
         plays,
         candidates: candidates.len(),

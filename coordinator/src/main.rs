@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cohort_coordinator::config::JobFile;
 use cohort_coordinator::data::{prepare, PrepareOptions, TokenizerKind};
 use cohort_coordinator::dev_certs::{self, DevCertsOptions};
+use cohort_coordinator::federated_data::sentiment::{self, SentimentOptions};
 use cohort_coordinator::federated_data::{self, FederatedOptions};
 use cohort_coordinator::planning::{self, PrivacyQuestion};
 use cohort_coordinator::service::OperatorToken;
@@ -228,27 +229,39 @@ enum Command {
         #[arg(long, env = "COHORT_VAL_EVERY", default_value_t = 20)]
         val_every: usize,
     },
-    /// Splits Shakespeare's plays into federated client sites, one per
-    /// (play, speaking role): per client `train.txt`, `test.txt` and a secret
+    /// Splits a corpus into federated client sites, each with a secret
     /// `token` (mode 0600), plus `enrollment.toml` holding only token digests.
+    /// --plays: Shakespeare, one site per (play, speaking role), with
+    /// `train.txt` and `test.txt`. --sentiment: labelled sentences, sites
+    /// dealt to the imdb, yelp and amazon domains in turn, with `train.jsonl`
+    /// and `test.jsonl` (`{"text", "label"}` per line).
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["plays", "sentiment"])))]
     PrepareFederated {
         /// The plays (`scripts/bootstrap.sh --corpus` puts them in
         /// ~/.cache/cohort/corpus/shakespeare); a play's genre is its folder.
-        #[arg(long, env = "COHORT_FEDERATED_PLAYS")]
-        plays: PathBuf,
+        #[arg(long, value_name = "DIR", env = "COHORT_FEDERATED_PLAYS")]
+        plays: Option<PathBuf>,
+        /// The labelled sentences: imdb.json, yelp.json and amazon.json
+        /// (`scripts/bootstrap.sh --corpus` puts them in
+        /// ~/.cache/cohort/corpus/sentiment).
+        #[arg(long, value_name = "DIR", env = "COHORT_FEDERATED_SENTIMENT")]
+        sentiment: Option<PathBuf>,
         /// Output directory; must be empty or missing unless --force.
         #[arg(long, env = "COHORT_FEDERATED_OUT")]
         out: PathBuf,
-        /// Number of client sites to pick (spread over genres, then plays).
+        /// Number of client sites (plays: spread over genres, then plays;
+        /// sentiment: dealt to the domains in turn, 8 = imdb 3, yelp 3, amazon 2).
         #[arg(long, env = "COHORT_FEDERATED_CLIENTS", default_value_t = federated_data::DEFAULT_CLIENTS)]
         clients: usize,
-        /// Roles with fewer characters of dialogue are not clients.
-        #[arg(long, env = "COHORT_FEDERATED_MIN_CHARS", default_value_t = federated_data::DEFAULT_MIN_CHARS)]
+        /// Roles with fewer characters of dialogue are not clients (--plays only).
+        #[arg(long, env = "COHORT_FEDERATED_MIN_CHARS", default_value_t = federated_data::DEFAULT_MIN_CHARS, conflicts_with = "sentiment")]
         min_chars: usize,
-        /// Share of each client's dialogue held out: its last speeches.
-        #[arg(long, env = "COHORT_FEDERATED_TEST_FRACTION", default_value_t = federated_data::DEFAULT_TEST_FRACTION)]
-        test_fraction: f64,
-        /// Seeds the order of genres and plays in the selection.
+        /// Share of each site's data held out (plays: its last speeches,
+        /// default 0.1; sentiment: the end of its shuffled slice, default 0.2).
+        #[arg(long, env = "COHORT_FEDERATED_TEST_FRACTION")]
+        test_fraction: Option<f64>,
+        /// Seeds the selection (plays: the order of genres and plays;
+        /// sentiment: each domain's shuffle).
         #[arg(long, env = "COHORT_FEDERATED_SEED", default_value_t = 0)]
         seed: u64,
         /// Replace a previous prepare-federated output in --out, tokens
@@ -603,33 +616,54 @@ fn main() -> ExitCode {
         }
         Command::PrepareFederated {
             plays,
+            sentiment,
             out,
             clients,
             min_chars,
             test_fraction,
             seed,
             force,
-        } => federated_data::prepare_federated(&FederatedOptions {
-            plays,
-            out: out.clone(),
-            clients,
-            min_chars,
-            test_fraction,
-            seed,
-            force,
-        })
-        .map_err(anyhow::Error::from)
-        .map(|report| {
-            print!("{}", federated_data::render_summary(&report));
-            info!(
-                out = %out.display(),
-                plays = report.plays,
-                candidates = report.candidates,
-                eligible = report.eligible,
-                clients = report.clients.len(),
-                "federated data prepared"
-            );
-        }),
+        } => match (plays, sentiment) {
+            (Some(plays), _) => federated_data::prepare_federated(&FederatedOptions {
+                plays,
+                out: out.clone(),
+                clients,
+                min_chars,
+                test_fraction: test_fraction.unwrap_or(federated_data::DEFAULT_TEST_FRACTION),
+                seed,
+                force,
+            })
+            .map_err(anyhow::Error::from)
+            .map(|report| {
+                print!("{}", federated_data::render_summary(&report));
+                info!(
+                    out = %out.display(),
+                    plays = report.plays,
+                    candidates = report.candidates,
+                    eligible = report.eligible,
+                    clients = report.clients.len(),
+                    "federated data prepared"
+                );
+            }),
+            (None, Some(dir)) => sentiment::prepare_sentiment(&SentimentOptions {
+                dir,
+                out: out.clone(),
+                clients,
+                test_fraction: test_fraction.unwrap_or(sentiment::DEFAULT_TEST_FRACTION),
+                seed,
+                force,
+            })
+            .map_err(anyhow::Error::from)
+            .map(|report| {
+                print!("{}", sentiment::render_summary(&report));
+                info!(
+                    out = %out.display(),
+                    sites = report.sites.len(),
+                    "federated sentiment data prepared"
+                );
+            }),
+            (None, None) => unreachable!("clap requires --plays or --sentiment"),
+        },
         Command::Prepare {
             inputs,
             output,
