@@ -99,9 +99,29 @@ type EngineCall = Box<dyn FnOnce(&mut RoundEngine, Instant) + Send>;
 /// How a job ended.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobOutcome {
+    /// The job reached its limits (not stopped by a signal or an operator).
     pub finished: bool,
     pub version: Version,
     pub final_eval_loss: Option<f64>,
+    pub checkpoint: Option<PathBuf>,
+    /// The reason an operator gave when stopping the job (the Stop RPC).
+    pub stopped_by_operator: Option<String>,
+}
+
+/// An operator's request to stop the job, with where to send the answer.
+struct StopCall {
+    reason: String,
+    reply: oneshot::Sender<StopAck>,
+}
+
+/// What the job was doing when the actor accepted a stop.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StopAck {
+    /// The engine's phase before the stop (`training`, ..., `finished`).
+    pub phase: &'static str,
+    pub committed_rounds: u64,
+    /// The checkpoint written for the stop; `None` when the job had already
+    /// finished (or had no run store).
     pub checkpoint: Option<PathBuf>,
 }
 
@@ -109,6 +129,7 @@ pub struct JobOutcome {
 #[derive(Clone)]
 pub struct EngineHandle {
     calls: mpsc::Sender<EngineCall>,
+    stops: mpsc::Sender<StopCall>,
 }
 
 impl EngineHandle {
@@ -130,6 +151,21 @@ impl EngineHandle {
             .await
             .map_err(|_| Status::unavailable("coordinator is shutting down"))
     }
+
+    /// Stops the job as an operator asked: the actor checkpoints the current
+    /// version, ends the job with `reason` (every worker's next task is Done
+    /// with it) and returns once workers are told or their lease has passed.
+    /// Answers once the checkpoint is written.
+    pub async fn stop(&self, reason: String) -> Result<StopAck, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.stops
+            .send(StopCall { reason, reply })
+            .await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))
+    }
 }
 
 /// Tokio's clock (so tests can pause it), as the std `Instant` the engine takes.
@@ -137,9 +173,10 @@ fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// Starts the actor. It ends when the job is finished and every worker has
-/// been told, or when `stop` turns true (then it checkpoints first). It
-/// reports what happens to `observer` (metrics, progress).
+/// Starts the actor. It ends when the job is finished (or stopped by an
+/// operator through [`EngineHandle::stop`]) and every worker has been told,
+/// or when `stop` turns true (then it checkpoints first). It reports what
+/// happens to `observer` (metrics, progress).
 pub fn spawn(
     engine: RoundEngine,
     plan: Arc<JobPlan>,
@@ -148,6 +185,7 @@ pub fn spawn(
     observer: Arc<Observer>,
 ) -> (EngineHandle, tokio::task::JoinHandle<JobOutcome>) {
     let (calls, mut inbox) = mpsc::channel::<EngineCall>(1024);
+    let (stops, mut stop_calls) = mpsc::channel::<StopCall>(8);
     let task = tokio::spawn(async move {
         let mut engine = engine;
         let mut records = RunRecords::new(plan.clone(), store, observer);
@@ -155,6 +193,7 @@ pub fn spawn(
         let mut ticker = tokio::time::interval(Duration::from_millis(100));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut finished_at: Option<tokio::time::Instant> = None;
+        let mut stopped_by_operator: Option<String> = None;
         // After the job ends, workers get this long to hear "done".
         let release_grace = plan.engine.lease;
         loop {
@@ -164,6 +203,28 @@ pub fn spawn(
                     None => break,
                 },
                 _ = ticker.tick() => engine.tick(now()),
+                Some(StopCall { reason, reply }) = stop_calls.recv() => {
+                    let mut ack = StopAck {
+                        phase: engine.phase_name(),
+                        committed_rounds: engine.committed_rounds(),
+                        checkpoint: None,
+                    };
+                    if engine.is_finished() {
+                        info!(reason = %reason, "an operator asked to stop a job that has already ended");
+                    } else {
+                        info!(
+                            reason = %reason,
+                            version = %engine.version(),
+                            phase = ack.phase,
+                            committed_rounds = ack.committed_rounds,
+                            "stopping on an operator's request: writing a checkpoint of the current version"
+                        );
+                        ack.checkpoint = records.checkpoint(&engine);
+                        engine.stop(reason.clone());
+                        stopped_by_operator = Some(reason);
+                    }
+                    let _ = reply.send(ack);
+                }
                 changed = stop.changed() => {
                     if changed.is_err() || *stop.borrow() {
                         info!(version = %engine.version(), "stopping: writing a checkpoint of the current version");
@@ -205,13 +266,14 @@ pub fn spawn(
             let _ = writing.await;
         }
         JobOutcome {
-            finished: engine.is_finished(),
+            finished: engine.is_finished() && stopped_by_operator.is_none(),
             version: engine.version(),
             final_eval_loss: records.final_eval_loss,
             checkpoint: records.last_checkpoint.clone(),
+            stopped_by_operator,
         }
     });
-    (EngineHandle { calls }, task)
+    (EngineHandle { calls, stops }, task)
 }
 
 /// A metrics file cut off mid-line by a crash gets its line ended, so the
@@ -443,16 +505,18 @@ impl RunRecords {
                 version,
                 loss,
                 tokens,
+                accuracy,
             } => {
-                self.observer.eval_reported(loss);
+                self.observer.eval_reported(loss, accuracy);
                 info!(
                     version = version.0,
-                    loss, tokens, "held-out loss of the final version"
+                    loss, tokens, accuracy, "held-out loss of the final version"
                 )
             }
             Event::JobFinished {
                 version,
                 final_eval_loss,
+                final_eval_accuracy,
                 rounds,
                 epochs,
             } => {
@@ -466,6 +530,7 @@ impl RunRecords {
                     rounds,
                     epochs,
                     final_eval_loss,
+                    final_eval_accuracy,
                     checkpoint = %checkpoint_text,
                     "job finished"
                 );
@@ -475,6 +540,7 @@ impl RunRecords {
                     "rounds": rounds,
                     "epochs": epochs,
                     "eval_loss": final_eval_loss,
+                    "eval_accuracy": final_eval_accuracy,
                     "checkpoint": checkpoint_text,
                 }));
             }
@@ -544,6 +610,7 @@ impl RunRecords {
                 participants = s.participants,
                 loss = format_args!("{:.4}", s.mean_loss),
                 eval_loss = s.eval_loss.map(|l| (l * 1e4).round() / 1e4),
+                eval_accuracy = s.eval_accuracy.map(|a| (a * 1e4).round() / 1e4),
                 mean_update_norm = format_args!("{:.4}", f.mean_update_norm),
                 noise_multiplier = f.noise_multiplier,
                 epsilon_spent = f.epsilon_spent.map(|e| (e * 1e4).round() / 1e4),
@@ -563,6 +630,7 @@ impl RunRecords {
                 "participants": s.participants,
                 "mean_loss": s.mean_loss,
                 "eval_loss": s.eval_loss,
+                "eval_accuracy": s.eval_accuracy,
                 "mean_update_norm": f.mean_update_norm,
                 "noise_multiplier": f.noise_multiplier,
                 "epsilon_spent": f.epsilon_spent,

@@ -9,7 +9,9 @@
 //! It also serves `grpc.health.v1.Health` for Kubernetes gRPC probes: the
 //! server ("") and `cohort.v1.Coordinator` report SERVING while the job runs
 //! and NOT_SERVING from the moment shutdown starts (or the job ends) until
-//! the process stops serving.
+//! the process stops serving. With a health listener the same statuses are
+//! also served in plaintext on a second port, for probes that cannot speak
+//! TLS.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -53,8 +55,12 @@ pub struct RunOptions {
     pub metrics_listener: Option<TcpListener>,
     /// Serve gRPC over TLS (with client certificates when it is mutual).
     pub tls: Option<ServerTls>,
-    /// When set, only this token's bearer may call Status.
+    /// When set, only this token's bearer may call Status and Stop.
     pub operator_token: Option<OperatorToken>,
+    /// Also serve `grpc.health.v1.Health`, and nothing else, in plaintext on
+    /// this listener (for probes that cannot speak TLS, like the kubelet's):
+    /// the same statuses as the main port's health service.
+    pub health_listener: Option<TcpListener>,
 }
 
 pub use cohort_proto::HTTP2_MAX_FRAME_SIZE;
@@ -284,13 +290,31 @@ pub async fn run_with_options(
         stop_rx,
         Arc::clone(&observer),
     );
-    let service = CoordinatorService::new(handle, plan.clone(), Arc::clone(&observer))
-        .with_operator_token(options.operator_token.clone());
-
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<CoordinatorServer<CoordinatorService>>()
         .await;
+    let service = CoordinatorService::new(handle, plan.clone(), Arc::clone(&observer))
+        .with_operator_token(options.operator_token.clone())
+        .with_health(health.clone());
+
+    // The plaintext health port is served until the gRPC server has stopped.
+    let (health_stop, health_stopped) = tokio::sync::oneshot::channel::<()>();
+    let health_task = options.health_listener.map(|health_listener| {
+        let address = health_listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        info!(address = %address, "serving gRPC health checks in plaintext");
+        let incoming = tonic::transport::server::TcpIncoming::from(health_listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service.clone())
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = health_stopped.await;
+                }),
+        )
+    });
 
     let (done_tx, mut done_rx) = watch::channel(false);
     // Metrics are served until the gRPC server has stopped.
@@ -370,6 +394,14 @@ pub async fn run_with_options(
         .serve_with_incoming_shutdown(incoming, server_stop)
         .await?;
     let _ = metrics_stop.send(());
+    let _ = health_stop.send(());
+    if let Some(task) = health_task {
+        match task.await {
+            Ok(Err(e)) => warn!(error = %e, "the health port failed"),
+            Err(e) => warn!(error = %e, "the health port panicked"),
+            Ok(Ok(())) => {}
+        }
+    }
     if let Some(task) = metrics_task {
         match task.await {
             Ok(Err(e)) => warn!(error = %e, "the metrics endpoint failed"),
@@ -387,7 +419,7 @@ const HEALTH_SERVICES: [&str; 2] = [
     <CoordinatorServer<CoordinatorService> as NamedService>::NAME,
 ];
 
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
+pub(crate) async fn set_health(health: &HealthReporter, status: ServingStatus) {
     for name in HEALTH_SERVICES {
         health.set_service_status(name, status).await;
     }

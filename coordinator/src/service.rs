@@ -56,6 +56,32 @@ pub struct CoordinatorService {
     operator: Option<OperatorToken>,
     /// The run's progress as the actor records it (for Status).
     observer: Arc<Observer>,
+    /// The health statuses the server reports; Stop turns them NOT_SERVING.
+    health: Option<tonic_health::server::HealthReporter>,
+}
+
+/// The longest reason Stop accepts, in bytes.
+pub const MAX_STOP_REASON_BYTES: usize = 1024;
+
+/// What workers are told, and the log says, when an operator stops the job.
+fn stop_reason(given: &str) -> Result<String, Status> {
+    if given.len() > MAX_STOP_REASON_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "the stop reason is {} bytes; at most {MAX_STOP_REASON_BYTES}",
+            given.len()
+        )));
+    }
+    // One line in logs and in the workers' Done.
+    let given: String = given
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    Ok(if given.is_empty() {
+        "stopped by an operator".to_string()
+    } else {
+        format!("stopped by an operator: {given}")
+    })
 }
 
 /// How many pulls stream at the same time; the others wait their turn.
@@ -85,10 +111,21 @@ impl CoordinatorService {
             base,
             observer,
             operator: None,
+            health: None,
         }
     }
 
-    /// Operator calls (Status) need `token` from now on; worker sessions and
+    /// The reporter of the server's health service, so Stop can report
+    /// NOT_SERVING before it checkpoints, as a shutdown does.
+    pub fn with_health(
+        mut self,
+        health: tonic_health::server::HealthReporter,
+    ) -> CoordinatorService {
+        self.health = Some(health);
+        self
+    }
+
+    /// Operator calls (Status, Stop) need `token` from now on; worker sessions and
     /// enrollment tokens do not pass.
     pub fn with_operator_token(mut self, token: Option<OperatorToken>) -> CoordinatorService {
         self.operator = token;
@@ -547,10 +584,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let digest = session.digest;
         let request = request.into_inner();
         let worker = worker_id(&request.worker_id)?;
-        let (version, loss, tokens) = (Version(request.version), request.loss, request.tokens);
+        let version = Version(request.version);
+        let score = cohort_core::engine::EvalScore {
+            loss: request.loss,
+            weight: request.tokens,
+            accuracy: request.accuracy,
+        };
         self.engine_call(move |engine, now| {
             engine.authenticate(worker, digest.as_ref())?;
-            engine.report_eval(worker, version, loss, tokens, now)
+            engine.report_eval(worker, version, score, now)
         })
         .await
         .map_err(|status| session.explain(worker, status))?;
@@ -579,8 +621,15 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::StopRequest>,
     ) -> Result<Response<pb::StopResponse>, Status> {
         self.admit_operator(&request)?;
-        Err(Status::unimplemented(
-            "Stop is not served yet: send SIGTERM to the coordinator",
-        ))
+        let reason = stop_reason(&request.into_inner().reason)?;
+        warn!(reason = %reason, "an operator asked to stop the job");
+        if let Some(health) = &self.health {
+            crate::server::set_health(health, tonic_health::ServingStatus::NotServing).await;
+        }
+        let ack = self.engine.stop(reason).await?;
+        Ok(Response::new(pb::StopResponse {
+            phase: ack.phase.to_string(),
+            committed_rounds: ack.committed_rounds,
+        }))
     }
 }

@@ -1,6 +1,7 @@
 //! `cohort-coordinator status`: asks a running coordinator for the job at a
 //! glance (the `Status` RPC) and prints it as a compact table or one JSON
-//! object.
+//! object. `cohort-coordinator stop` (the `Stop` RPC) reaches the coordinator
+//! the same way.
 
 use std::fmt::Write as _;
 
@@ -20,8 +21,12 @@ pub enum StatusCommandError {
         url: String,
         source: tonic::transport::Error,
     },
-    #[error("the coordinator at {url} refused Status: {status}")]
-    Rpc { url: String, status: tonic::Status },
+    #[error("the coordinator at {url} refused {call}: {status}")]
+    Rpc {
+        url: String,
+        call: &'static str,
+        status: tonic::Status,
+    },
     #[error("{0}")]
     Access(String),
 }
@@ -43,6 +48,70 @@ pub async fn fetch(
     url: &str,
     access: &StatusAccess,
 ) -> Result<pb::StatusResponse, StatusCommandError> {
+    let request = operator_request(pb::StatusRequest {}, access)?;
+    connect(url, access)
+        .await?
+        .status(request)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| StatusCommandError::Rpc {
+            url: url.to_string(),
+            call: "Status",
+            status,
+        })
+}
+
+/// Calls `Stop` on the coordinator at `url`, giving `reason` (may be
+/// empty). The coordinator answers once the checkpoint is written.
+pub async fn stop(
+    url: &str,
+    access: &StatusAccess,
+    reason: &str,
+) -> Result<pb::StopResponse, StatusCommandError> {
+    let request = operator_request(
+        pb::StopRequest {
+            reason: reason.to_string(),
+        },
+        access,
+    )?;
+    connect(url, access)
+        .await?
+        .stop(request)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| StatusCommandError::Rpc {
+            url: url.to_string(),
+            call: "Stop",
+            status,
+        })
+}
+
+/// What `stop` prints: the coordinator's answer in one line.
+pub fn render_stop(url: &str, response: &pb::StopResponse) -> String {
+    format!(
+        "the coordinator at {url} is stopping: it was {} after {} committed rounds; the current version is checkpointed",
+        response.phase, response.committed_rounds
+    )
+}
+
+/// `message` with the operator token as its bearer, if there is one.
+fn operator_request<T>(
+    message: T,
+    access: &StatusAccess,
+) -> Result<tonic::Request<T>, StatusCommandError> {
+    let request = tonic::Request::new(message);
+    match &access.operator_token {
+        Some(token) => cohort_proto::session::with_bearer(request, token.trim())
+            .map_err(|status| StatusCommandError::Access(status.message().to_string())),
+        None => Ok(request),
+    }
+}
+
+/// A client of the coordinator at `url`, over TLS for `https://` URLs.
+async fn connect(
+    url: &str,
+    access: &StatusAccess,
+) -> Result<CoordinatorClient<tonic::transport::Channel>, StatusCommandError> {
     let mut endpoint =
         tonic::transport::Endpoint::from_shared(url.to_string()).map_err(|source| {
             StatusCommandError::Url {
@@ -66,11 +135,6 @@ pub async fn fetch(
                 source,
             })?;
     }
-    let mut request = tonic::Request::new(pb::StatusRequest {});
-    if let Some(token) = &access.operator_token {
-        request = cohort_proto::session::with_bearer(request, token.trim())
-            .map_err(|status| StatusCommandError::Access(status.message().to_string()))?;
-    }
     let channel = endpoint
         .connect()
         .await
@@ -78,14 +142,7 @@ pub async fn fetch(
             url: url.to_string(),
             source,
         })?;
-    CoordinatorClient::new(channel)
-        .status(request)
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|status| StatusCommandError::Rpc {
-            url: url.to_string(),
-            status,
-        })
+    Ok(CoordinatorClient::new(channel))
 }
 
 /// The lowercase name of a worker state, as the table and JSON print it.
@@ -147,6 +204,7 @@ pub fn to_json(status: &pb::StatusResponse) -> serde_json::Value {
         "last_round": nonzero(status.last_round),
         "last_mean_loss": status.last_mean_loss,
         "last_eval_loss": status.last_eval_loss,
+        "last_eval_accuracy": status.last_eval_accuracy,
         "privacy": privacy,
         "rounds_per_second": status.rounds_per_second,
         "eta_seconds": status.eta_seconds,
@@ -187,9 +245,12 @@ pub fn render_table(status: &pb::StatusResponse) -> String {
         status.job_name, status.phase, status.version, status.committed_rounds
     );
     let loss = |value: Option<f64>| value.map_or("-".to_string(), |l| format!("{l:.4}"));
+    let accuracy = status.last_eval_accuracy.map_or(String::new(), |a| {
+        format!("  eval accuracy {:.1}%", 100.0 * a)
+    });
     let _ = writeln!(
         out,
-        "last round {}  loss {}  eval loss {}",
+        "last round {}  loss {}  eval loss {}{accuracy}",
         nonzero(status.last_round).map_or("-".to_string(), |r| r.to_string()),
         loss(status.last_mean_loss),
         loss(status.last_eval_loss),
