@@ -1,5 +1,7 @@
 //! The gRPC health service that Kubernetes probes: SERVING while a job runs,
-//! NOT_SERVING as soon as shutdown starts, then the server stops.
+//! NOT_SERVING as soon as shutdown starts, then the server stops. With a
+//! health listener the same statuses are served in plaintext on a second
+//! port while the main port speaks only TLS.
 
 use std::path::Path;
 use std::time::Duration;
@@ -139,4 +141,147 @@ async fn health_is_serving_while_running_and_not_serving_once_shutdown_starts() 
         .expect("the server ran");
     assert!(!outcome.finished, "the job was stopped, not finished");
     assert!(outcome.checkpoint.is_some(), "shutdown writes a checkpoint");
+}
+
+#[tokio::test]
+async fn plaintext_health_port_beside_a_tls_main_port_shares_its_statuses() {
+    use cohort_coordinator::dev_certs::{self, DevCertsOptions};
+    use cohort_coordinator::tls::{ServerTls, TlsFiles};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+    const LIMIT: Duration = Duration::from_secs(10);
+    let dir = tempfile::tempdir().unwrap();
+    let plan = waiting_plan(dir.path());
+    let certs = dev_certs::generate(&DevCertsOptions {
+        out: dir.path().join("certs"),
+        clients: 0,
+        hosts: vec!["localhost".into(), "127.0.0.1".into()],
+        valid_days: 1,
+    })
+    .unwrap();
+    let tls = ServerTls::load(&TlsFiles {
+        cert: certs.server_cert.clone(),
+        key: certs.server_key.clone(),
+        client_ca: None,
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let health_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let main_addr = listener.local_addr().unwrap();
+    let health_addr = format!("http://{}", health_listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = server::RunOptions {
+        tls: Some(tls),
+        health_listener: Some(health_listener),
+        ..server::RunOptions::default()
+    };
+    let server = tokio::spawn(server::run_with_options(
+        listener,
+        plan,
+        async {
+            let _ = stopped.await;
+        },
+        options,
+    ));
+
+    // The health port answers in plaintext, for both names.
+    let channel = tokio::time::timeout(
+        LIMIT,
+        Endpoint::from_shared(health_addr.clone())
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .expect("health port connects in time")
+    .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", COORDINATOR_SERVICE] {
+        assert_eq!(
+            status_of(&mut health, service).await,
+            ServingStatus::Serving,
+            "health port, service {service:?}"
+        );
+    }
+    // ... and serves nothing but health.
+    let mut coordinator = cohort_proto::v1::coordinator_client::CoordinatorClient::new(channel);
+    let refused = tokio::time::timeout(
+        LIMIT,
+        coordinator.status(cohort_proto::v1::StatusRequest {}),
+    )
+    .await
+    .expect("answered in time")
+    .expect_err("the health port does not serve the coordinator");
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+
+    // The main port refuses plaintext ...
+    let plaintext = async {
+        let channel = Endpoint::from_shared(format!("http://{main_addr}"))
+            .unwrap()
+            .connect()
+            .await?;
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(Into::into)
+    };
+    let plaintext: Result<_, Box<dyn std::error::Error + Send + Sync>> =
+        tokio::time::timeout(LIMIT, plaintext)
+            .await
+            .expect("a plaintext attempt fails in time");
+    assert!(
+        plaintext.is_err(),
+        "the TLS port answered plaintext: {plaintext:?}"
+    );
+    // ... and answers over TLS with the same statuses.
+    let tls_channel = tokio::time::timeout(
+        LIMIT,
+        Endpoint::from_shared(format!("https://localhost:{}", main_addr.port()))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(
+                        std::fs::read(&certs.ca_cert).unwrap(),
+                    ))
+                    .domain_name("localhost"),
+            )
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .expect("TLS connects in time")
+    .unwrap();
+    let mut tls_health = HealthClient::new(tls_channel);
+    assert_eq!(status_of(&mut tls_health, "").await, ServingStatus::Serving);
+
+    // Watching on the health port sees NOT_SERVING once shutdown starts.
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: COORDINATOR_SERVICE.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.next().await.expect("a first status").unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    stop.send(()).unwrap();
+    let next = tokio::time::timeout(LIMIT, watch.next())
+        .await
+        .expect("a status change within 10 s of shutdown")
+        .expect("the watch reports NOT_SERVING before it ends")
+        .unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+
+    let outcome = tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("the server stops within 30 s of shutdown")
+        .unwrap()
+        .expect("the server ran");
+    assert!(outcome.checkpoint.is_some(), "shutdown writes a checkpoint");
+    // The health port closes with the server.
+    let after = tokio::time::timeout(LIMIT, Endpoint::from_shared(health_addr).unwrap().connect())
+        .await
+        .expect("a closed port fails in time");
+    assert!(after.is_err(), "the health port outlived the server");
 }

@@ -20,6 +20,16 @@ pub const MAX_CHUNK_BYTES: usize = 1024;
 
 /// Two workers per round, `rounds` rounds, an 8-token context.
 pub fn plan(dir: &Path, rounds: u64) -> JobPlan {
+    let toml = prepare_job(dir, rounds);
+    JobFile::parse(&toml, &dir.join("job.toml"))
+        .unwrap()
+        .validate()
+        .unwrap()
+}
+
+/// Prepares the data in `dir` and returns the job file's text (paths
+/// relative to `dir`), for [`plan`] or a coordinator process.
+pub fn prepare_job(dir: &Path, rounds: u64) -> String {
     let text: String = (0..200)
         .map(|i| format!("sentence number {i} of the test corpus. "))
         .collect();
@@ -34,7 +44,7 @@ pub fn plan(dir: &Path, rounds: u64) -> JobPlan {
         show_progress: false,
     })
     .unwrap();
-    let toml = format!(
+    format!(
         r#"
 name = "observed"
 data_dir = "data"
@@ -59,11 +69,7 @@ heartbeat_ms = 1000
 max_chunk_bytes = {MAX_CHUNK_BYTES}
 chunk_timeout_ms = 2000
 "#
-    );
-    JobFile::parse(&toml, &dir.join("job.toml"))
-        .unwrap()
-        .validate()
-        .unwrap()
+    )
 }
 
 pub struct Running {
