@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cohort_core::codec::DType;
 use cohort_core::engine::{EngineConfig, ShardInfo};
-use cohort_core::federated::{CohortSampling, DpMode, FederatedRules};
+use cohort_core::federated::{CohortSampling, DpMode, FederatedRules, FederatedTask};
 use cohort_core::model::{ModelConfig, TensorSpec};
 use cohort_core::outer::OuterOptimizerConfig;
 use cohort_core::params::ParamLayout;
@@ -66,6 +66,13 @@ pub struct FederatedSection {
     /// How clients tokenize their text.
     #[serde(default = "default_tokenizer")]
     pub tokenizer: TokenizerKind,
+    /// "next-token" (sites hold text) or "classification" (sites hold
+    /// labeled examples; a linear head over `num_classes` is trained too).
+    #[serde(default = "default_task")]
+    pub task: TaskKind,
+    /// Classes of a classification task (labels 0..num_classes).
+    #[serde(default)]
+    pub num_classes: Option<u32>,
     /// Poisson sampling: each connected client joins a round with this
     /// probability (what the privacy accountant assumes).
     #[serde(default)]
@@ -82,6 +89,17 @@ pub struct FederatedSection {
 pub enum TrainableKind {
     Lora,
     Full,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskKind {
+    NextToken,
+    Classification,
+}
+
+fn default_task() -> TaskKind {
+    TaskKind::NextToken
 }
 
 fn default_trainable() -> TrainableKind {
@@ -171,6 +189,7 @@ impl std::fmt::Debug for SharedParams {
 #[derive(Clone, Debug)]
 pub struct FederatedPlan {
     pub trainable: Trainable,
+    pub task: FederatedTask,
     /// SHA-256 (lowercase hex) of each enrolled token → the client's name.
     pub clients: BTreeMap<String, String>,
     /// Certificate name (ASCII lowercase) → the client's name, for sites
@@ -752,6 +771,31 @@ impl JobFile {
                 }
             }
         };
+        let task = match (section.task, section.num_classes) {
+            (TaskKind::NextToken, None) => FederatedTask::NextToken,
+            (TaskKind::NextToken, Some(_)) => return Err(invalid(
+                "federated.num_classes",
+                "only a classification task has classes (set federated.task = \"classification\")",
+            )),
+            (TaskKind::Classification, None) => {
+                return Err(invalid(
+                    "federated.num_classes",
+                    "a classification task needs the number of classes (labels 0..num_classes)",
+                ))
+            }
+            (TaskKind::Classification, Some(k)) => {
+                if !(2..=FederatedTask::MAX_CLASSES).contains(&k) {
+                    return Err(invalid(
+                        "federated.num_classes",
+                        format!("must be in 2..={}, got {k}", FederatedTask::MAX_CLASSES),
+                    ));
+                }
+                FederatedTask::Classification { num_classes: k }
+            }
+        };
+        let head = task
+            .num_classes()
+            .map_or_else(Vec::new, |k| model.classifier_specs(k));
         let model_tensors = model.tensor_specs();
         let base = match &section.base_checkpoint {
             Some(path) => Some(SharedParams(Arc::new(
@@ -760,8 +804,17 @@ impl JobFile {
             ))),
             None => None,
         };
-        let (tensors, base_tensors, base_params, initial_params) = match trainable {
-            Trainable::Full => (model_tensors, Vec::new(), None, base),
+        let (mut tensors, base_tensors, base_params, initial_params) = match trainable {
+            Trainable::Full => {
+                // A pretrained model under a fresh head: the head starts from
+                // its own initialisation.
+                let initial = base.map(|base| {
+                    let mut params = base.0.as_ref().clone();
+                    params.extend(cohort_core::params::init_params(&head, self.seed));
+                    SharedParams(Arc::new(params))
+                });
+                (model_tensors, Vec::new(), None, initial)
+            }
             Trainable::Lora { rank, .. } => {
                 let base = base.unwrap_or_else(|| {
                     SharedParams(Arc::new(cohort_core::params::init_params(
@@ -772,6 +825,7 @@ impl JobFile {
                 (model.lora_specs(rank), model_tensors, Some(base), None)
             }
         };
+        tensors.extend(head);
         let update_dtype = t.update_dtype;
         if update_dtype != DType::F32 {
             // bf16 rounding of a clipped update could carry it past C.
@@ -817,6 +871,7 @@ impl JobFile {
             initial_params: None,
             federated: Some(FederatedPlan {
                 trainable,
+                task,
                 clients: enrollment.tokens,
                 certificate_names: enrollment.certificate_names,
                 base_tensors,
@@ -1018,6 +1073,58 @@ delta = 1e-5
     }
 
     #[test]
+    fn a_classification_job_trains_and_sends_its_head_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let classify = |t: String| {
+            t.replace(
+                "sample_rate = 0.5",
+                "sample_rate = 0.5\ntask = \"classification\"\nnum_classes = 3",
+            )
+        };
+        let plan = federated_job(dir.path(), classify).unwrap();
+        let head = plan.model.classifier_specs(3);
+        let f = plan.federated.as_ref().unwrap();
+        assert_eq!(f.task, FederatedTask::Classification { num_classes: 3 });
+        let tensors = &plan.engine.tensors;
+        assert_eq!(tensors.len(), plan.model.lora_specs(4).len() + 2);
+        assert_eq!(&tensors[tensors.len() - 2..], &head[..]);
+        assert_eq!(head[0].shape, vec![3, plan.model.d_model as usize]);
+
+        // Full fine-tuning from a pretrained checkpoint: the model's values,
+        // then a freshly initialised head.
+        let model_specs = plan.model.tensor_specs();
+        let pretrained: Vec<f32> = (0..ParamLayout::new(&model_specs).total())
+            .map(|i| (i % 97) as f32 * 1e-3)
+            .collect();
+        let checkpoint = dir.path().join("base.safetensors");
+        crate::checkpoint::write_params(
+            &checkpoint,
+            &ParamLayout::new(&model_specs),
+            &pretrained,
+            Default::default(),
+        )
+        .unwrap();
+        let full = |t: String| {
+            classify(t).replace(
+                "enrollment = \"enrollment.toml\"",
+                "enrollment = \"enrollment.toml\"\ntrainable = \"full\"\nbase_checkpoint = \"base.safetensors\"",
+            )
+        };
+        let plan = federated_job(dir.path(), full).unwrap();
+        let f = plan.federated.as_ref().unwrap();
+        assert_eq!(plan.engine.tensors.len(), model_specs.len() + 2);
+        let initial = f.initial_params.as_ref().unwrap().0.clone();
+        assert_eq!(
+            initial.len(),
+            ParamLayout::new(&plan.engine.tensors).total()
+        );
+        assert_eq!(&initial[..pretrained.len()], &pretrained[..]);
+        let weight = &initial[pretrained.len()..pretrained.len() + 3 * 64];
+        assert!(weight.iter().any(|&w| w != 0.0), "the head is initialised");
+        assert!(initial[initial.len() - 3..].iter().all(|&b| b == 0.0));
+    }
+
+    #[test]
     fn every_broken_federated_setting_names_its_field() {
         let dir = tempfile::tempdir().unwrap();
         type Edit = Box<dyn Fn(String) -> String>;
@@ -1046,6 +1153,41 @@ delta = 1e-5
                     )
                 }),
                 "train.init_checkpoint: a federated job starts from federated.base_checkpoint",
+            ),
+            (
+                "classes without a classification task",
+                Box::new(|t| t.replace("sample_rate = 0.5", "sample_rate = 0.5\nnum_classes = 2")),
+                "federated.num_classes: only a classification task has classes",
+            ),
+            (
+                "a classification task without classes",
+                Box::new(|t| {
+                    t.replace(
+                        "sample_rate = 0.5",
+                        "sample_rate = 0.5\ntask = \"classification\"",
+                    )
+                }),
+                "federated.num_classes: a classification task needs the number of classes",
+            ),
+            (
+                "a single class",
+                Box::new(|t| {
+                    t.replace(
+                        "sample_rate = 0.5",
+                        "sample_rate = 0.5\ntask = \"classification\"\nnum_classes = 1",
+                    )
+                }),
+                "federated.num_classes: must be in 2..=1024, got 1",
+            ),
+            (
+                "an unknown task",
+                Box::new(|t| {
+                    t.replace(
+                        "sample_rate = 0.5",
+                        "sample_rate = 0.5\ntask = \"regression\"",
+                    )
+                }),
+                "unknown variant `regression`",
             ),
             (
                 "both sampling settings",

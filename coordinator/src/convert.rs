@@ -9,7 +9,7 @@ use tonic::{Code, Status};
 
 use crate::config::{FederatedPlan, InnerKind, JobPlan, Trainable};
 use crate::data::TokenizerKind;
-use cohort_core::federated::DpMode;
+use cohort_core::federated::{DpMode, FederatedTask};
 use cohort_core::model::TensorSpec;
 
 /// Maps each domain error to its gRPC status. Workers treat NOT_FOUND as
@@ -99,6 +99,7 @@ pub fn push_header_from_proto(header: pb::PushHeader) -> Result<(WorkerId, PushH
                 train_seconds: stats.train_seconds,
                 eval_loss: stats.eval_loss,
                 eval_tokens: stats.eval_tokens,
+                eval_accuracy: stats.eval_accuracy,
             },
         },
     ))
@@ -229,8 +230,11 @@ fn federated_spec_to_proto(plan: &JobPlan, f: &FederatedPlan) -> pb::FederatedSp
         } as i32,
         client_noise_stddev: f.client_noise_stddev,
         base_tensors: tensor_specs_to_proto(&f.base_tensors),
-        task: pb::FederatedTask::NextToken as i32,
-        num_classes: 0,
+        task: match f.task {
+            FederatedTask::NextToken => pb::FederatedTask::NextToken,
+            FederatedTask::Classification { .. } => pb::FederatedTask::Classification,
+        } as i32,
+        num_classes: f.task.num_classes().unwrap_or(0),
     }
 }
 
@@ -286,7 +290,7 @@ pub fn status_to_proto(
         privacy,
         rounds_per_second: progress.rounds_per_second(now),
         eta_seconds,
-        last_eval_accuracy: None,
+        last_eval_accuracy: progress.latest_eval_accuracy,
     }
 }
 

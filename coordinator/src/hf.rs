@@ -219,6 +219,16 @@ pub fn resolve(request: &ExportRequest) -> Result<ExportSource, HfExportError> {
         );
     }
     let job = JobFile::load(job_path)?;
+    if job
+        .federated
+        .as_ref()
+        .is_some_and(|f| f.task == crate::config::TaskKind::Classification)
+    {
+        return usage(
+            "this job trains a classification head, which the GPT-2 layout has no place for; \
+             export-hf writes language models only",
+        );
+    }
     let model = job.model_config();
     model
         .validate()

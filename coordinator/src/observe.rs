@@ -39,6 +39,7 @@ pub struct Metrics {
     pub round_wall_seconds: Histogram,
     pub round_mean_loss: Gauge<f64, AtomicU64>,
     pub eval_loss: Gauge<f64, AtomicU64>,
+    pub eval_accuracy: Gauge<f64, AtomicU64>,
     pub epsilon_spent: Gauge<f64, AtomicU64>,
     pub epsilon_remaining: Gauge<f64, AtomicU64>,
     pub workers_joined: Counter,
@@ -62,6 +63,7 @@ impl Metrics {
             round_wall_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 15)),
             round_mean_loss: Gauge::default(),
             eval_loss: Gauge::default(),
+            eval_accuracy: Gauge::default(),
             epsilon_spent: Gauge::default(),
             epsilon_remaining: Gauge::default(),
             workers_joined: Counter::default(),
@@ -128,6 +130,11 @@ impl Metrics {
             metrics.eval_loss.clone(),
         );
         r.register(
+            "eval_accuracy",
+            "Latest held-out accuracy (classification jobs)",
+            metrics.eval_accuracy.clone(),
+        );
+        r.register(
             "epsilon_spent",
             "Differential privacy epsilon spent so far (federated jobs with DP)",
             metrics.epsilon_spent.clone(),
@@ -178,6 +185,7 @@ pub struct LastRound {
     pub participants: usize,
     pub mean_loss: f64,
     pub eval_loss: Option<f64>,
+    pub eval_accuracy: Option<f64>,
     pub tokens_per_second: f64,
     pub wall_seconds: f64,
 }
@@ -191,6 +199,8 @@ pub struct Progress {
     pub last_round: Option<LastRound>,
     /// The latest held-out loss from any source (a round's eval, the final eval).
     pub latest_eval_loss: Option<f64>,
+    /// The latest held-out accuracy (classification jobs).
+    pub latest_eval_accuracy: Option<f64>,
 }
 
 impl Progress {
@@ -226,6 +236,7 @@ impl Observer {
                 rounds_committed_here: 0,
                 last_round: None,
                 latest_eval_loss: None,
+                latest_eval_accuracy: None,
             }),
         })
     }
@@ -248,6 +259,9 @@ impl Observer {
         if let Some(loss) = s.eval_loss {
             m.eval_loss.set(loss);
         }
+        if let Some(accuracy) = s.eval_accuracy {
+            m.eval_accuracy.set(accuracy);
+        }
         if let Some(f) = &s.federated {
             if let Some(spent) = f.epsilon_spent {
                 self.set_epsilon(spent, f.epsilon_budget);
@@ -258,12 +272,16 @@ impl Observer {
             if s.eval_loss.is_some() {
                 p.latest_eval_loss = s.eval_loss;
             }
+            if s.eval_accuracy.is_some() {
+                p.latest_eval_accuracy = s.eval_accuracy;
+            }
             p.last_round = Some(LastRound {
                 round: s.round.0,
                 version: s.new_version.0,
                 participants: s.participants,
                 mean_loss: s.mean_loss,
                 eval_loss: s.eval_loss,
+                eval_accuracy: s.eval_accuracy,
                 tokens_per_second: s.tokens_per_second,
                 wall_seconds: s.wall.as_secs_f64(),
             });
@@ -279,10 +297,17 @@ impl Observer {
         }
     }
 
-    pub fn eval_reported(&self, loss: f64) {
+    pub fn eval_reported(&self, loss: f64, accuracy: Option<f64>) {
         self.metrics.eval_loss.set(loss);
-        self.progress
-            .send_modify(|p| p.latest_eval_loss = Some(loss));
+        if let Some(accuracy) = accuracy {
+            self.metrics.eval_accuracy.set(accuracy);
+        }
+        self.progress.send_modify(|p| {
+            p.latest_eval_loss = Some(loss);
+            if accuracy.is_some() {
+                p.latest_eval_accuracy = accuracy;
+            }
+        });
     }
 }
 
@@ -332,6 +357,7 @@ mod tests {
             bytes_pushed: 40,
             wall: Duration::from_millis(2000),
             eval_loss: Some(3.25),
+            eval_accuracy: Some(0.75),
             epoch: 0,
             federated: None,
         }
@@ -351,6 +377,7 @@ mod tests {
             "cohort_round_participants 2",
             "cohort_round_wall_seconds_count 2",
             "cohort_eval_loss 3.25",
+            "cohort_eval_accuracy 0.75",
             "cohort_pushes_rejected_total{reason=\"stale_round\"} 1",
         ] {
             assert!(
@@ -361,6 +388,14 @@ mod tests {
         let progress = observer.progress();
         assert_eq!(progress.rounds_committed_here, 2);
         assert_eq!(progress.last_round.as_ref().map(|r| r.round), Some(2));
+        assert_eq!(progress.latest_eval_accuracy, Some(0.75));
+        // The final evaluation's numbers replace the rounds'.
+        observer.eval_reported(2.5, Some(0.8));
+        let progress = observer.progress();
+        assert_eq!(
+            (progress.latest_eval_loss, progress.latest_eval_accuracy),
+            (Some(2.5), Some(0.8))
+        );
         let later = t0 + Duration::from_secs(4);
         assert_eq!(progress.rounds_per_second(later), 0.5);
         assert_eq!(progress.eta(3, later), Some(Duration::from_secs(6)));
