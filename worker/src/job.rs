@@ -2,6 +2,7 @@
 //! ([`validate_job`]) and the federated fine-tuning job ([`validate_federated_job`]).
 
 use cohort_core::codec::DType;
+use cohort_core::federated::FederatedTask;
 use cohort_core::model::{ModelConfig, TensorSpec};
 use cohort_core::params::ParamLayout;
 use cohort_proto::v1 as pb;
@@ -192,6 +193,8 @@ pub struct FederatedJob {
     pub max_chunk_bytes: usize,
     pub seed: u64,
     pub trainable: TrainableSet,
+    /// Next-token prediction on text, or classification of labeled examples.
+    pub task: FederatedTask,
     /// The trainable tensors (`JobSpec.tensors`): pulled each round, pushed as the update.
     pub layout: ParamLayout,
     /// The frozen base model (`FederatedSpec.base_tensors`), pulled once; LoRA only.
@@ -254,9 +257,33 @@ pub fn validate_federated_job(spec: &pb::JobSpec) -> Result<FederatedJob, Client
             )))
         }
     };
+    let task = match pb::FederatedTask::try_from(federated.task) {
+        Ok(pb::FederatedTask::NextToken) if federated.num_classes == 0 => FederatedTask::NextToken,
+        Ok(pb::FederatedTask::NextToken) => {
+            return Err(bad(format!(
+                "a next-token job names {} classes",
+                federated.num_classes
+            )))
+        }
+        Ok(pb::FederatedTask::Classification) => {
+            let k = federated.num_classes;
+            if !(2..=FederatedTask::MAX_CLASSES).contains(&k) {
+                return Err(bad(format!(
+                    "a classification job needs 2 to {} classes, got {k}",
+                    FederatedTask::MAX_CLASSES
+                )));
+            }
+            FederatedTask::Classification { num_classes: k }
+        }
+        Err(_) => return Err(bad(format!("unknown federated.task {}", federated.task))),
+    };
+    let head = task
+        .num_classes()
+        .map_or_else(Vec::new, |k| model.classifier_specs(k));
     let (layout, base_layout) = match trainable {
         TrainableSet::Full => {
-            let specs = model.tensor_specs();
+            let mut specs = model.tensor_specs();
+            specs.extend(head);
             check_tensors("tensors", &spec.tensors, &specs)?;
             if !federated.base_tensors.is_empty() {
                 return Err(bad(format!(
@@ -267,7 +294,8 @@ pub fn validate_federated_job(spec: &pb::JobSpec) -> Result<FederatedJob, Client
             (ParamLayout::new(&specs), None)
         }
         TrainableSet::Lora(lora) => {
-            let adapters = model.lora_specs(lora.rank);
+            let mut adapters = model.lora_specs(lora.rank);
+            adapters.extend(head);
             check_tensors("adapter tensors", &spec.tensors, &adapters)?;
             let base = model.tensor_specs();
             check_tensors("base tensors", &federated.base_tensors, &base)?;
@@ -307,6 +335,7 @@ pub fn validate_federated_job(spec: &pb::JobSpec) -> Result<FederatedJob, Client
         max_chunk_bytes: max_chunk_bytes(spec)?,
         seed: spec.seed,
         trainable,
+        task,
         layout,
         base_layout,
         local_steps: federated.local_steps,
@@ -423,6 +452,49 @@ mod tests {
             ..Default::default()
         });
         spec
+    }
+
+    #[test]
+    fn a_classification_job_trains_its_head_after_the_adapters() {
+        let mut spec = lora_spec(2);
+        let mut tensors = full_model().lora_specs(2);
+        tensors.extend(full_model().classifier_specs(3));
+        spec.tensors = wire(&tensors);
+        let f = spec.federated.as_mut().unwrap();
+        f.task = pb::FederatedTask::Classification as i32;
+        f.num_classes = 3;
+        let job = validate_federated_job(&spec).unwrap();
+        assert_eq!(job.task, FederatedTask::Classification { num_classes: 3 });
+        // The adapters (128 values, as below), then the head: 3·4 + 3.
+        assert_eq!(job.layout.total(), 128 + 15);
+
+        // The head the spec lists must be the one the classes imply, and a
+        // next-token job names no classes.
+        for (edit, needle) in [
+            (
+                (|s: &mut pb::JobSpec| s.federated.as_mut().unwrap().num_classes = 2)
+                    as fn(&mut pb::JobSpec),
+                "cls_head.weight",
+            ),
+            (
+                |s| s.federated.as_mut().unwrap().num_classes = 1,
+                "2 to 1024 classes, got 1",
+            ),
+            (
+                |s| s.federated.as_mut().unwrap().task = 0,
+                "a next-token job names 3 classes",
+            ),
+            (
+                |s| s.federated.as_mut().unwrap().task = 7,
+                "unknown federated.task 7",
+            ),
+            (|s| drop(s.tensors.pop()), "9 adapter tensors"),
+        ] {
+            let mut broken = spec.clone();
+            edit(&mut broken);
+            let err = validate_federated_job(&broken).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
     }
 
     #[test]

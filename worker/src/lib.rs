@@ -24,6 +24,7 @@ pub mod data;
 pub mod device;
 pub mod federated;
 pub mod job;
+pub mod labeled;
 pub mod logits;
 pub mod lora;
 pub mod model;

@@ -20,6 +20,12 @@ pub enum ModelError {
     TooLong { actual: i64, context: i64 },
     #[error("LoRA needs a rank of at least 1 and a positive alpha, got {0:?}")]
     Lora(LoraConfig),
+    #[error("a classifier needs 2 to {max} classes, got {0}", max = cohort_core::federated::FederatedTask::MAX_CLASSES)]
+    Classes(u32),
+    #[error("this model has no classification head")]
+    NoHead,
+    #[error("{0}")]
+    Batch(String),
     #[error("torch error: {0}")]
     Torch(#[from] TchError),
 }
@@ -53,6 +59,20 @@ pub struct Gpt {
     ln_f_b: Tensor,
     /// With LoRA, the base parameters are frozen and only these train.
     lora: Option<LoraAdapters>,
+    /// A classification head (`cls_head.weight`, `cls_head.bias`), always trainable.
+    head: Option<[Tensor; 2]>,
+    /// What trains, in push order: the adapters (LoRA) or every parameter, then the head.
+    trainable: Vec<Tensor>,
+    trainable_layout: ParamLayout,
+}
+
+/// What a federated model trains besides (or instead of) every base parameter.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ModelOptions {
+    /// Train LoRA adapters on a frozen base.
+    pub lora: Option<LoraConfig>,
+    /// Add a classification head over this many classes.
+    pub num_classes: Option<u32>,
 }
 
 impl std::fmt::Debug for Gpt {
@@ -61,6 +81,7 @@ impl std::fmt::Debug for Gpt {
             .field("config", &self.config)
             .field("parameters", &self.layout.total())
             .field("lora", &self.lora)
+            .field("classes", &self.head.as_ref().map(|[_, b]| b.size()[0]))
             .field("device", &self.vs.device())
             .finish()
     }
@@ -129,7 +150,7 @@ impl Gpt {
     /// Builds the model with all parameters zero and trainable; load real values with
     /// [`Gpt::load_flat`].
     pub fn new(config: &ModelConfig, device: Device) -> Result<Gpt, ModelError> {
-        Gpt::build(config, None, device)
+        Gpt::with_options(config, ModelOptions::default(), device)
     }
 
     /// Builds the model with frozen base parameters and trainable LoRA adapters (`lora_specs`
@@ -140,17 +161,35 @@ impl Gpt {
         lora: LoraConfig,
         device: Device,
     ) -> Result<Gpt, ModelError> {
-        if lora.rank == 0 || !(lora.alpha.is_finite() && lora.alpha > 0.0) {
-            return Err(ModelError::Lora(lora));
-        }
-        Gpt::build(config, Some(lora), device)
+        Gpt::with_options(
+            config,
+            ModelOptions {
+                lora: Some(lora),
+                num_classes: None,
+            },
+            device,
+        )
     }
 
-    fn build(
+    /// Builds the model, all zero, with LoRA adapters and/or a classification head as
+    /// `options` says. The trainable layout is the adapters (or every parameter), then
+    /// the head (`ModelConfig::classifier_specs`).
+    pub fn with_options(
         config: &ModelConfig,
-        lora: Option<LoraConfig>,
+        options: ModelOptions,
         device: Device,
     ) -> Result<Gpt, ModelError> {
+        if let Some(lora) = options.lora {
+            if lora.rank == 0 || !(lora.alpha.is_finite() && lora.alpha > 0.0) {
+                return Err(ModelError::Lora(lora));
+            }
+        }
+        if let Some(k) = options.num_classes {
+            if !(2..=cohort_core::federated::FederatedTask::MAX_CLASSES).contains(&k) {
+                return Err(ModelError::Classes(k));
+            }
+        }
+        let lora = options.lora;
         config.validate()?;
         let specs = config.tensor_specs();
         let layout = ParamLayout::new(&specs);
@@ -161,6 +200,26 @@ impl Gpt {
             .map(|spec| add_var(&root, &spec.name, &spec.shape, lora.is_none()))
             .collect();
         let lora = lora.map(|lora| LoraAdapters::new(&root, config, lora));
+        let head_specs = options
+            .num_classes
+            .map_or_else(Vec::new, |k| config.classifier_specs(k));
+        let head_params: Vec<Tensor> = head_specs
+            .iter()
+            .map(|spec| add_var(&root, &spec.name, &spec.shape, true))
+            .collect();
+        let (mut trainable, mut trainable_specs): (Vec<Tensor>, _) = match &lora {
+            Some(l) => (
+                l.parameters().iter().map(Tensor::shallow_clone).collect(),
+                config.lora_specs(l.config().rank),
+            ),
+            None => (params.iter().map(Tensor::shallow_clone).collect(), specs),
+        };
+        trainable.extend(head_params.iter().map(Tensor::shallow_clone));
+        trainable_specs.extend(head_specs);
+        let head = match head_params.as_slice() {
+            [w, b] => Some([w.shallow_clone(), b.shallow_clone()]),
+            _ => None,
+        };
         // Spec order: wte, wpe, then 12 tensors per layer, then ln_f.weight, ln_f.bias.
         let p = |i: usize| params[i].shallow_clone();
         let blocks = (0..config.n_layer as usize)
@@ -192,6 +251,9 @@ impl Gpt {
             ln_f_w: p(n - 2),
             ln_f_b: p(n - 1),
             lora,
+            head,
+            trainable,
+            trainable_layout: ParamLayout::new(&trainable_specs),
             vs,
             params,
         })
@@ -243,14 +305,19 @@ impl Gpt {
     }
 
     /// The parameters that train, in the order they are pulled and pushed: the adapters with
-    /// LoRA, otherwise every parameter.
+    /// LoRA, otherwise every parameter; then the classification head, if any.
     pub fn trainable_parameters(&self) -> &[Tensor] {
-        self.lora.as_ref().map_or(&self.params, |l| l.parameters())
+        &self.trainable
     }
 
     /// The layout of [`Gpt::trainable_parameters`].
     pub fn trainable_layout(&self) -> &ParamLayout {
-        self.lora.as_ref().map_or(&self.layout, |l| l.layout())
+        &self.trainable_layout
+    }
+
+    /// The number of classes of the classification head, if the model has one.
+    pub fn num_classes(&self) -> Option<u32> {
+        self.head.as_ref().map(|[_, b]| b.size()[0] as u32)
     }
 
     /// The names of [`Gpt::trainable_parameters`].
@@ -289,6 +356,60 @@ impl Gpt {
 
     /// Logits `[batch, time, vocab]` for token ids `idx` of shape `[batch, time]` (int64).
     pub fn forward(&self, idx: &Tensor, train: bool) -> Result<Tensor, ModelError> {
+        let x = self.hidden(idx, train)?;
+        Ok(x.f_linear(&self.wte, None::<Tensor>)?)
+    }
+
+    /// Class logits `[batch, classes]` for right-padded token ids `idx` `[batch, time]`
+    /// whose real tokens `mask` (`[batch, time]`, 1.0 or 0.0, at least one per row) marks:
+    /// the final hidden states averaged over the real tokens, through the head. Attention
+    /// is causal, so padding after an example's tokens does not change them.
+    pub fn class_logits(
+        &self,
+        idx: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor, ModelError> {
+        let [weight, bias] = self.head.as_ref().ok_or(ModelError::NoHead)?;
+        let hidden = self.hidden(idx, train)?;
+        let mask = mask.f_to_kind(hidden.kind())?;
+        let summed = hidden.f_mul(&mask.f_unsqueeze(-1)?)?.f_sum_dim_intlist(
+            [1i64].as_slice(),
+            false,
+            None::<Kind>,
+        )?;
+        let counts = mask
+            .f_sum_dim_intlist([1i64].as_slice(), true, None::<Kind>)?
+            .f_clamp_min(1.0)?;
+        let pooled = summed.f_div(&counts)?;
+        Ok(pooled.f_linear(weight, Some(bias))?)
+    }
+
+    /// Summed cross-entropy of the class logits against `labels` `[batch]` (int64), and how
+    /// many examples the argmax gets right.
+    pub fn classification_loss_sum(
+        &self,
+        batch: &ClassBatch,
+        train: bool,
+    ) -> Result<(Tensor, i64), ModelError> {
+        let logits = self.class_logits(&batch.inputs, &batch.mask, train)?;
+        let loss = logits.f_cross_entropy_loss(
+            &batch.labels,
+            None::<Tensor>,
+            Reduction::Sum,
+            -100,
+            0.0,
+        )?;
+        let correct = logits
+            .f_argmax(-1, false)?
+            .f_eq_tensor(&batch.labels)?
+            .f_sum(Kind::Int64)?
+            .f_int64_value(&[])?;
+        Ok((loss, correct))
+    }
+
+    /// The final (layer-normed) hidden states `[batch, time, d_model]`.
+    fn hidden(&self, idx: &Tensor, train: bool) -> Result<Tensor, ModelError> {
         let (batch, time) = idx.size2()?;
         let context = self.config.context_length as i64;
         if time > context {
@@ -378,8 +499,7 @@ impl Gpt {
             )?;
             x = x.f_add(&dropout(h)?)?;
         }
-        let x = self.layer_norm(&x, &self.ln_f_w, &self.ln_f_b)?;
-        Ok(x.f_linear(&self.wte, None::<Tensor>)?)
+        Ok(self.layer_norm(&x, &self.ln_f_w, &self.ln_f_b)?)
     }
 
     /// Summed (not averaged) cross-entropy of predicting `targets` from `inputs`, both `[batch, time]`.
@@ -398,6 +518,56 @@ impl Gpt {
             -100,
             0.0,
         )?)
+    }
+}
+
+/// A batch of labeled examples on the model's device: token ids right-padded with 0 to the
+/// longest example, the mask of real tokens and the labels.
+pub struct ClassBatch {
+    pub inputs: Tensor,
+    pub mask: Tensor,
+    pub labels: Tensor,
+    /// Real (unpadded) tokens in the batch.
+    pub tokens: u64,
+}
+
+impl ClassBatch {
+    pub fn new(
+        examples: &[&crate::labeled::Example],
+        device: Device,
+    ) -> Result<ClassBatch, ModelError> {
+        let width = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
+        if width == 0 {
+            return Err(ModelError::Batch(
+                "a classification batch needs at least one non-empty example".into(),
+            ));
+        }
+        let rows = examples.len();
+        let mut ids = vec![0i64; rows * width];
+        let mut mask = vec![0f32; rows * width];
+        let mut tokens = 0u64;
+        for (row, example) in examples.iter().enumerate() {
+            if example.tokens.is_empty() {
+                return Err(ModelError::Batch("an example has no tokens".into()));
+            }
+            for (col, &token) in example.tokens.iter().enumerate() {
+                ids[row * width + col] = i64::from(token);
+                mask[row * width + col] = 1.0;
+            }
+            tokens += example.tokens.len() as u64;
+        }
+        let labels: Vec<i64> = examples.iter().map(|e| i64::from(e.label)).collect();
+        let shape = [rows as i64, width as i64];
+        Ok(ClassBatch {
+            inputs: Tensor::f_from_slice(&ids)?
+                .f_view(shape)?
+                .f_to_device(device)?,
+            mask: Tensor::f_from_slice(&mask)?
+                .f_view(shape)?
+                .f_to_device(device)?,
+            labels: Tensor::f_from_slice(&labels)?.f_to_device(device)?,
+            tokens,
+        })
     }
 }
 

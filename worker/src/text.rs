@@ -61,6 +61,17 @@ pub enum LocalDataError {
     NotUtf8 { path: PathBuf, offset: usize },
     #[error("{path} is empty")]
     Empty { path: PathBuf },
+    #[error("{path} line {line}: {reason}")]
+    Malformed {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error(
+        "{dir} holds neither train.txt and test.txt (text) nor train.jsonl and test.jsonl \
+         (labeled examples)"
+    )]
+    NoData { dir: PathBuf },
     #[error(
         "{path} holds {tokens} tokens, fewer than one window of {needed} (the model's context \
          length {context} + 1); the site needs more text"
@@ -134,13 +145,26 @@ impl LocalText {
     }
 }
 
-/// Checks, before joining, that `dir` holds a non-empty `train.txt` and `test.txt`
-/// (tokenizing needs the job, so the window check comes later).
+/// Checks, before joining, that `dir` holds a non-empty `train.txt` and `test.txt`, or
+/// a non-empty `train.jsonl` and `test.jsonl` (which one the job needs, and the
+/// tokenizing, come with the job).
 pub fn preflight(dir: &Path) -> Result<(), LocalDataError> {
     if !dir.is_dir() {
         return Err(LocalDataError::NotADirectory(dir.to_path_buf()));
     }
-    for name in [TRAIN_FILE, TEST_FILE] {
+    let pairs = [
+        [TRAIN_FILE, TEST_FILE],
+        [crate::labeled::TRAIN_FILE, crate::labeled::TEST_FILE],
+    ];
+    let Some(names) = pairs
+        .into_iter()
+        .find(|names| names.iter().any(|name| dir.join(name).exists()))
+    else {
+        return Err(LocalDataError::NoData {
+            dir: dir.to_path_buf(),
+        });
+    };
+    for name in names {
         let path = dir.join(name);
         let metadata = std::fs::metadata(&path).map_err(|source| LocalDataError::Read {
             path: path.clone(),
@@ -153,7 +177,7 @@ pub fn preflight(dir: &Path) -> Result<(), LocalDataError> {
     Ok(())
 }
 
-fn read_text(path: &Path) -> Result<String, LocalDataError> {
+pub(crate) fn read_text(path: &Path) -> Result<String, LocalDataError> {
     let bytes = std::fs::read(path).map_err(|source| LocalDataError::Read {
         path: path.to_path_buf(),
         source,

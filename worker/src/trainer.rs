@@ -68,7 +68,10 @@ pub struct TrainStats {
     pub seconds: f64,
     /// Held-out loss of the pulled parameters, when eval shards were given.
     pub eval_loss: Option<f64>,
+    /// The weight of `eval_loss`: tokens, or examples for classification.
     pub eval_tokens: u64,
+    /// Held-out accuracy of the pulled parameters (classification).
+    pub eval_accuracy: Option<f64>,
     /// Optimizer steps taken this round.
     pub steps: u32,
     /// Learning rate of the last step.
@@ -88,7 +91,10 @@ pub struct TrainOutput {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EvalOutput {
     pub loss: f64,
+    /// The weight of `loss`: tokens, or examples for classification.
     pub tokens: u64,
+    /// The fraction of examples classified correctly (classification).
+    pub accuracy: Option<f64>,
 }
 
 /// The synchronous trainer; lives on one thread (see [`TrainerHandle`]).
@@ -278,6 +284,7 @@ impl Trainer {
                 seconds: start.elapsed().as_secs_f64(),
                 eval_loss: eval.map(|e| e.loss),
                 eval_tokens: eval.map_or(0, |e| e.tokens),
+                eval_accuracy: None,
                 steps: batches.len() as u32,
                 lr,
                 grad_norm,
@@ -333,6 +340,35 @@ pub(crate) fn evaluate_windows(
     Ok(EvalOutput {
         loss: sum / tokens as f64,
         tokens,
+        accuracy: None,
+    })
+}
+
+/// Example-weighted mean loss and accuracy of `model`'s classifier over `examples` (at
+/// least one), in micro-batches of `micro_batch_size`, without gradients.
+pub(crate) fn evaluate_examples(
+    model: &Gpt,
+    examples: &[crate::labeled::Example],
+    micro_batch_size: usize,
+) -> Result<EvalOutput, TrainerError> {
+    let device = model.device();
+    let (sum, correct) = tch::no_grad(|| -> Result<(f64, i64), TrainerError> {
+        let mut sum = Tensor::f_zeros([], (Kind::Double, device))?;
+        let mut correct = 0;
+        for micro in examples.chunks(micro_batch_size.max(1)) {
+            let refs: Vec<&crate::labeled::Example> = micro.iter().collect();
+            let batch = crate::model::ClassBatch::new(&refs, device)?;
+            let (loss, right) = model.classification_loss_sum(&batch, false)?;
+            sum = sum.f_add(&loss.f_to_kind(Kind::Double)?)?;
+            correct += right;
+        }
+        Ok((sum.f_double_value(&[])?, correct))
+    })?;
+    let n = examples.len() as u64;
+    Ok(EvalOutput {
+        loss: sum / n.max(1) as f64,
+        tokens: n,
+        accuracy: Some(correct as f64 / n.max(1) as f64),
     })
 }
 

@@ -1,7 +1,8 @@
 //! The federated client's local trainer (on the tensor thread): evaluates the pulled global
-//! model on the site's test text, runs E local steps on windows sampled from its train text
-//! with a fresh optimizer, and returns the privatized update Δ = global − local over the
-//! trainable tensors only.
+//! model on the site's held-out data, runs E local steps on batches sampled from its
+//! training data (text windows for next-token prediction, labeled examples for
+//! classification) with a fresh optimizer, and returns the privatized update
+//! Δ = global − local over the trainable tensors only.
 
 use std::time::Instant;
 
@@ -12,11 +13,14 @@ use tracing::debug;
 
 use super::privatize::{privatize, PrivacyConfig, Privatized};
 use crate::data;
+use crate::labeled::{Example, LabeledExamples};
 use crate::lora::LoraConfig;
-use crate::model::Gpt;
+use crate::model::{ClassBatch, Gpt, ModelOptions};
 use crate::optim::{InnerConfig, InnerOptimizer};
 use crate::text::LocalText;
-use crate::trainer::{batch_tensors, evaluate_windows, EvalOutput, TrainStats, TrainerError};
+use crate::trainer::{
+    batch_tensors, evaluate_examples, evaluate_windows, EvalOutput, TrainStats, TrainerError,
+};
 
 /// Everything the local trainer needs, fixed for the lifetime of a job.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,6 +28,8 @@ pub struct LocalConfig {
     pub model: ModelConfig,
     /// `Some`: train LoRA adapters on a frozen base; `None`: train every parameter.
     pub lora: Option<LoraConfig>,
+    /// `Some`: a classification job with this many classes (a head is trained too).
+    pub num_classes: Option<u32>,
     pub inner: InnerConfig,
     /// Optimizer steps per round (E).
     pub local_steps: u32,
@@ -46,11 +52,31 @@ pub struct RoundOutput {
     pub privacy: Privatized,
 }
 
-/// The model and the site's tokenized text; lives on the tensor thread.
+/// What a site trains on, tokenized; it never leaves the site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SiteData {
+    /// Text for next-token prediction.
+    Text(LocalText),
+    /// Labeled examples for classification.
+    Labeled(LabeledExamples),
+}
+
+impl SiteData {
+    fn describe(&self) -> String {
+        match self {
+            SiteData::Text(t) => format!("{} train / {} test tokens", t.train.len(), t.test.len()),
+            SiteData::Labeled(l) => {
+                format!("{} train / {} test examples", l.train.len(), l.test.len())
+            }
+        }
+    }
+}
+
+/// The model and the site's tokenized data; lives on the tensor thread.
 pub struct LocalTrainer {
     config: LocalConfig,
     model: Gpt,
-    text: LocalText,
+    data: SiteData,
     base_loaded: bool,
 }
 
@@ -59,10 +85,24 @@ impl std::fmt::Debug for LocalTrainer {
         f.debug_struct("LocalTrainer")
             .field("config", &self.config)
             .field("model", &self.model)
-            .field("train_tokens", &self.text.train.len())
-            .field("test_tokens", &self.text.test.len())
+            .field("data", &self.data.describe())
             .field("base_loaded", &self.base_loaded)
             .finish()
+    }
+}
+
+/// The training items of a round: text windows or labeled examples.
+enum TrainItems<'a> {
+    Windows(Vec<&'a [u32]>),
+    Examples(&'a [Example]),
+}
+
+impl TrainItems<'_> {
+    fn len(&self) -> usize {
+        match self {
+            TrainItems::Windows(w) => w.len(),
+            TrainItems::Examples(e) => e.len(),
+        }
     }
 }
 
@@ -110,8 +150,9 @@ fn round_seed(seed: u64, round: u64) -> u64 {
 }
 
 impl LocalTrainer {
-    /// Builds the model (all zero until pulled) over the site's text.
-    pub fn new(config: LocalConfig, text: LocalText) -> Result<LocalTrainer, TrainerError> {
+    /// Builds the model (all zero until pulled) over the site's data, which must be of the
+    /// job's kind (labeled examples for a classification job, text otherwise).
+    pub fn new(config: LocalConfig, data: SiteData) -> Result<LocalTrainer, TrainerError> {
         if config.local_steps == 0 || config.micro_batch_size == 0 {
             return Err(TrainerError::Config(
                 "local_steps and micro_batch_size must be at least 1".into(),
@@ -120,16 +161,33 @@ impl LocalTrainer {
         if config.threads > 0 {
             tch::set_num_threads(i32::try_from(config.threads).unwrap_or(i32::MAX));
         }
+        match (&data, config.num_classes) {
+            (SiteData::Text(_), None) | (SiteData::Labeled(_), Some(_)) => {}
+            (SiteData::Text(_), Some(_)) => {
+                return Err(TrainerError::Config(
+                    "a classification job needs labeled examples (train.jsonl, test.jsonl)".into(),
+                ))
+            }
+            (SiteData::Labeled(_), None) => {
+                return Err(TrainerError::Config(
+                    "a next-token job needs text (train.txt, test.txt)".into(),
+                ))
+            }
+        }
         tch::manual_seed(config.seed as i64);
-        let model = match config.lora {
-            Some(lora) => Gpt::with_lora(&config.model, lora, config.device)?,
-            None => Gpt::new(&config.model, config.device)?,
-        };
+        let model = Gpt::with_options(
+            &config.model,
+            ModelOptions {
+                lora: config.lora,
+                num_classes: config.num_classes,
+            },
+            config.device,
+        )?;
         Ok(LocalTrainer {
             base_loaded: config.lora.is_none(),
             config,
             model,
-            text,
+            data,
         })
     }
 
@@ -169,8 +227,14 @@ impl LocalTrainer {
     }
 
     fn evaluate_loaded(&self) -> Result<EvalOutput, TrainerError> {
-        let windows: Vec<&[u32]> = data::windows(&self.text.test, self.context()).collect();
-        evaluate_windows(&self.model, &windows, self.config.micro_batch_size as usize)
+        let micro = self.config.micro_batch_size as usize;
+        match &self.data {
+            SiteData::Text(text) => {
+                let windows: Vec<&[u32]> = data::windows(&text.test, self.context()).collect();
+                evaluate_windows(&self.model, &windows, micro)
+            }
+            SiteData::Labeled(labeled) => evaluate_examples(&self.model, &labeled.test, micro),
+        }
     }
 
     /// Loads the trainable `params` and evaluates the model on the site's test text.
@@ -188,7 +252,12 @@ impl LocalTrainer {
         let eval = self.evaluate_loaded()?;
 
         let context = self.context();
-        let windows: Vec<&[u32]> = data::windows(&self.text.train, context).collect();
+        let items = match &self.data {
+            SiteData::Text(text) => {
+                TrainItems::Windows(data::windows(&text.train, context).collect())
+            }
+            SiteData::Labeled(labeled) => TrainItems::Examples(&labeled.train),
+        };
         let vars: Vec<Tensor> = self
             .model
             .trainable_parameters()
@@ -201,23 +270,34 @@ impl LocalTrainer {
             self.model.trainable_names(),
             &vars,
         )?;
-        let mut sampler = WindowSampler::new(windows.len(), round_seed(self.config.seed, round));
+        let mut sampler = WindowSampler::new(items.len(), round_seed(self.config.seed, round));
         let device = self.config.device;
         let mut loss_acc = Tensor::f_zeros([], (Kind::Double, device))?;
+        // The loss is a mean over predicted tokens (text) or examples (classification).
+        let mut loss_weight = 0.0;
         let mut trained_tokens = 0u64;
         let mut last = None;
         for _ in 0..self.config.local_steps {
-            let batch: Vec<&[u32]> = sampler
-                .batch(self.config.micro_batch_size as usize)
-                .into_iter()
-                .map(|i| windows[i])
-                .collect();
-            let batch_tokens = (batch.len() * context) as f64;
+            let picks = sampler.batch(self.config.micro_batch_size as usize);
             InnerOptimizer::zero_grad(&vars);
-            let (inputs, targets) = batch_tensors(&batch, context, device)?;
-            let loss_sum = self.model.loss_sum(&inputs, &targets, true)?;
-            loss_sum.f_div_scalar(batch_tokens)?.f_backward()?;
+            let (loss_sum, weight, tokens) = match &items {
+                TrainItems::Windows(windows) => {
+                    let batch: Vec<&[u32]> = picks.iter().map(|&i| windows[i]).collect();
+                    let (inputs, targets) = batch_tensors(&batch, context, device)?;
+                    let tokens = (batch.len() * context) as u64;
+                    let loss = self.model.loss_sum(&inputs, &targets, true)?;
+                    (loss, tokens as f64, tokens)
+                }
+                TrainItems::Examples(examples) => {
+                    let batch: Vec<&Example> = picks.iter().map(|&i| &examples[i]).collect();
+                    let batch = ClassBatch::new(&batch, device)?;
+                    let (loss, _) = self.model.classification_loss_sum(&batch, true)?;
+                    (loss, picks.len() as f64, batch.tokens)
+                }
+            };
+            loss_sum.f_div_scalar(weight)?.f_backward()?;
             loss_acc = loss_acc.f_add(&loss_sum.f_detach()?.f_to_kind(Kind::Double)?)?;
+            loss_weight += weight;
             let info = optimizer.step(&vars)?;
             debug!(
                 step = info.step,
@@ -225,11 +305,11 @@ impl LocalTrainer {
                 grad_norm = info.grad_norm,
                 "local step"
             );
-            trained_tokens += batch_tokens as u64;
+            trained_tokens += tokens;
             last = Some(info);
         }
         InnerOptimizer::zero_grad(&vars);
-        let mean_loss = loss_acc.f_double_value(&[])? / trained_tokens as f64;
+        let mean_loss = loss_acc.f_double_value(&[])? / loss_weight;
         if !mean_loss.is_finite() {
             return Err(TrainerError::NonFiniteLoss(mean_loss));
         }
@@ -248,6 +328,7 @@ impl LocalTrainer {
                 seconds: start.elapsed().as_secs_f64(),
                 eval_loss: Some(eval.loss),
                 eval_tokens: eval.tokens,
+                eval_accuracy: eval.accuracy,
                 steps: self.config.local_steps,
                 lr,
                 grad_norm,
@@ -260,6 +341,7 @@ impl LocalTrainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::labeled::LabeledExamples;
     use crate::text::TokenizerKind;
     use cohort_core::clip::l2_norm;
     use cohort_core::params::init_params;
@@ -281,16 +363,49 @@ mod tests {
         alpha: 4.0,
     };
 
-    fn text() -> LocalText {
+    fn text() -> SiteData {
         let train = "the quick brown fox jumps over the lazy dog. ".repeat(8);
         let test = "the lazy dog sleeps. the quick fox runs.";
-        LocalText::from_texts(
-            TokenizerKind::Byte,
-            8,
-            (Path::new("train.txt"), &train),
-            (Path::new("test.txt"), test),
+        SiteData::Text(
+            LocalText::from_texts(
+                TokenizerKind::Byte,
+                8,
+                (Path::new("train.txt"), &train),
+                (Path::new("test.txt"), test),
+            )
+            .unwrap(),
         )
-        .unwrap()
+    }
+
+    fn test_tokens(trainer: &LocalTrainer) -> usize {
+        match &trainer.data {
+            SiteData::Text(text) => text.test.len(),
+            SiteData::Labeled(_) => unreachable!("a text site"),
+        }
+    }
+
+    /// Two classes a bag of bytes separates: praise (1) and complaints (0).
+    fn reviews() -> SiteData {
+        let line =
+            |text: &str, label: u32| format!("{{\"text\": \"{text}\", \"label\": {label}}}\n");
+        let mut train = String::new();
+        for text in ["good", "great", "so good", "great!", "good!"] {
+            train += &line(text, 1);
+        }
+        for text in ["bad", "awful", "so bad", "awful!", "bad!"] {
+            train += &line(text, 0);
+        }
+        let test = line("great", 1) + &line("good", 1) + &line("bad", 0) + &line("awful", 0);
+        SiteData::Labeled(
+            LabeledExamples::from_jsonl(
+                TokenizerKind::Byte,
+                8,
+                2,
+                (Path::new("train.jsonl"), &train),
+                (Path::new("test.jsonl"), &test),
+            )
+            .unwrap(),
+        )
     }
 
     fn config(lora: Option<LoraConfig>, clip_norm: f64) -> LocalConfig {
@@ -300,6 +415,7 @@ mod tests {
             inner: InnerConfig::adamw(1e-2),
             local_steps: 4,
             micro_batch_size: 3,
+            num_classes: None,
             device: Device::Cpu,
             threads: 1,
             seed: 7,
@@ -345,7 +461,7 @@ mod tests {
         assert!((eval_loss - 256f64.ln()).abs() < 0.5, "{eval_loss}");
         assert_eq!(
             out.stats.eval_tokens,
-            (trainer.text.test.len() as u64 - 1) / 8 * 8
+            (test_tokens(&trainer) as u64 - 1) / 8 * 8
         );
         // The same round from the same parameters is the same update (seeded sampling,
         // fresh optimizer).
@@ -354,6 +470,55 @@ mod tests {
         // Evaluation of the pulled parameters is the round's eval loss.
         let evaluated = trainer.evaluate(&adapters).unwrap();
         assert_eq!(evaluated.loss, eval_loss);
+    }
+
+    #[test]
+    fn a_classification_round_sends_adapters_and_head_and_learns_the_classes() {
+        let classify = |lora| LocalConfig {
+            num_classes: Some(2),
+            local_steps: 6,
+            ..config(lora, 0.0)
+        };
+        // The data must be of the job's kind.
+        let err = LocalTrainer::new(classify(Some(LORA)), text()).unwrap_err();
+        assert!(err.to_string().contains("train.jsonl"), "{err}");
+        let err = LocalTrainer::new(config(Some(LORA), 0.0), reviews()).unwrap_err();
+        assert!(err.to_string().contains("train.txt"), "{err}");
+
+        let mut trainer = LocalTrainer::new(classify(Some(LORA)), reviews()).unwrap();
+        trainer
+            .load_base(&init_params(&tiny().tensor_specs(), 1))
+            .unwrap();
+        let mut specs = tiny().lora_specs(LORA.rank);
+        specs.extend(tiny().classifier_specs(2));
+        let mut global = init_params(&specs, 2);
+        let head = tiny()
+            .classifier_specs(2)
+            .iter()
+            .map(|s| s.numel())
+            .sum::<usize>();
+        let mut accuracies = Vec::new();
+        let mut losses = Vec::new();
+        for round in 0..5 {
+            let out = trainer.round(round, global.clone()).unwrap();
+            assert_eq!(out.delta.len(), global.len());
+            assert_eq!(out.stats.eval_tokens, 4, "weighted by the 4 test examples");
+            let accuracy = out.stats.eval_accuracy.unwrap();
+            assert!(
+                [0.0, 0.25, 0.5, 0.75, 1.0].contains(&accuracy),
+                "{accuracy}"
+            );
+            // The head trains in every round.
+            assert!(out.delta[global.len() - head..].iter().any(|&d| d != 0.0));
+            accuracies.push(accuracy);
+            losses.push(out.stats.eval_loss.unwrap());
+            for (g, d) in global.iter_mut().zip(&out.delta) {
+                *g -= d;
+            }
+        }
+        let last = trainer.evaluate(&global).unwrap();
+        assert_eq!(last.accuracy, Some(1.0), "{accuracies:?} {losses:?}");
+        assert!(last.loss < losses[0] - 0.2, "{losses:?} then {}", last.loss);
     }
 
     #[test]
