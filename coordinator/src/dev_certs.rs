@@ -247,6 +247,11 @@ pub fn render_instructions(certs: &DevCerts) -> String {
          Each worker or client site (its own certificate):\n\
          \x20 cohort-worker pretrain --coordinator https://{host}:50051 --tls-ca {dir}/ca.pem \\\n\
          \x20   --tls-cert {dir}/{client}.pem --tls-key {dir}/{client}.key --data-dir DATA\n\
+         A federated client site can be enrolled by its certificate instead of a token: give its\n\
+         \x20 [[client]] in enrollment.toml certificate_name = \"{client}\" (the CN and DNS name above;\n\
+         \x20 token_sha256 then becomes optional) and run it without --token:\n\
+         \x20 cohort-worker federated --coordinator https://{host}:50051 --tls-ca {dir}/ca.pem \\\n\
+         \x20   --tls-cert {dir}/{client}.pem --tls-key {dir}/{client}.key --data SITE_DIR\n\
          Leave out --tls-client-ca (and the workers' --tls-cert/--tls-key) for server-only TLS.\n\
          These certificates are for development; in production use your organisation's CA.\n"
     ));
@@ -289,6 +294,10 @@ mod tests {
         .unwrap();
         let text = render_instructions(&certs);
         assert!(text.contains("--tls-client-ca"), "{text}");
+        assert!(
+            text.contains("certificate_name = \"client-01\"") && text.contains("federated"),
+            "{text}"
+        );
         // A second run refuses to replace anything.
         let again = generate(&options).unwrap_err().to_string();
         assert!(again.contains("already exists"), "{again}");

@@ -100,8 +100,8 @@ pub enum ClientError {
     #[error(transparent)]
     Data(#[from] DataError),
     #[error(
-        "the coordinator refused the enrollment token ({code:?}: {message}); check --token, \
-         --token-file or COHORT_TOKEN"
+        "the coordinator refused the enrollment token or certificate ({code:?}: {message}); \
+         check --token, --token-file or COHORT_TOKEN, and the site's --tls-cert"
     )]
     Unauthenticated { code: Code, message: String },
     #[error(

@@ -1,5 +1,6 @@
-//! The federated client (`cohort-worker federated`): joins with the site's enrollment token,
-//! pulls the frozen base once (LoRA), then each round pulls the trainable parameters,
+//! The federated client (`cohort-worker federated`): joins with the site's enrollment token
+//! or, under mutual TLS, the client certificate it is enrolled by; pulls the frozen base
+//! once (LoRA), then each round pulls the trainable parameters,
 //! evaluates them on the local test text, trains locally and pushes only the clipped (and,
 //! by DP mode, noised) update. The site's text never leaves it.
 //!
@@ -62,7 +63,9 @@ pub struct FederatedConfig {
     pub tls: ClientTls,
     /// Holds `train.txt` and `test.txt`.
     pub data_dir: PathBuf,
-    pub token: EnrollmentToken,
+    /// The enrollment token; `None` for a site enrolled by the name on its
+    /// client certificate (`tls.identity`), which joins by certificate alone.
+    pub token: Option<EnrollmentToken>,
     pub device: Device,
     /// libtorch intra-op threads (0: libtorch's default).
     pub threads: usize,
@@ -124,7 +127,11 @@ fn stopped() -> Interrupt {
 impl Site {
     async fn join(&mut self, connection: &Connection) -> Result<(String, Heartbeat), ClientError> {
         let request = pb::JoinRequest {
-            token: self.config.token.expose().to_string(),
+            token: self
+                .config
+                .token
+                .as_ref()
+                .map_or_else(String::new, |token| token.expose().to_string()),
             info: Some(pb::WorkerInfo {
                 hostname: self.config.hostname.clone(),
                 device: device_name(self.config.device),

@@ -27,8 +27,9 @@ struct Cli {
 enum Command {
     /// Join a coordinator and train on the shards it leases until the job is done.
     Pretrain(PretrainArgs),
-    /// Join a federated job with the site's enrollment token and fine-tune on the site's own
-    /// text (DIR/train.txt, DIR/test.txt); only the clipped (and noised) update is sent.
+    /// Join a federated job with the site's enrollment token (or, under mutual TLS, its
+    /// enrolled client certificate) and fine-tune on the site's own text (DIR/train.txt,
+    /// DIR/test.txt); only the clipped (and noised) update is sent.
     Federated(FederatedArgs),
     /// Print Cohort's own logits for some tokens as JSON (`[[f32; vocab]; tokens]`), from
     /// checkpoint files: the reference an exported model is checked against. A developer
@@ -163,13 +164,13 @@ struct FederatedArgs {
     #[arg(long, value_name = "DIR", env = "COHORT_DATA_DIR", alias = "data-dir")]
     data: PathBuf,
     /// The site's enrollment token (prefer --token-file or COHORT_TOKEN: command lines
-    /// are visible to other users).
+    /// are visible to other users). Optional with --tls-cert when the site is enrolled by
+    /// its certificate's name (mutual TLS).
     #[arg(
         long,
         env = "COHORT_TOKEN",
         hide_env_values = true,
-        conflicts_with = "token_file",
-        required_unless_present = "token_file"
+        conflicts_with = "token_file"
     )]
     token: Option<String>,
     /// A file holding the enrollment token (surrounding whitespace is ignored).
@@ -249,21 +250,28 @@ async fn pretrain(args: PretrainArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The token from --token / COHORT_TOKEN or from --token-file.
-fn enrollment_token(args: &FederatedArgs) -> anyhow::Result<EnrollmentToken> {
+/// The token from --token / COHORT_TOKEN or from --token-file; `None` when neither is
+/// given and the site has a client certificate (it is then enrolled by that
+/// certificate's name).
+fn enrollment_token(args: &FederatedArgs) -> anyhow::Result<Option<EnrollmentToken>> {
     match (&args.token, &args.token_file) {
         (Some(token), None) => EnrollmentToken::new(token)
-            .context("the enrollment token (--token or COHORT_TOKEN) is empty"),
+            .context("the enrollment token (--token or COHORT_TOKEN) is empty")
+            .map(Some),
         (None, Some(path)) => {
             let raw = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read --token-file {}", path.display()))?;
             EnrollmentToken::new(&raw)
                 .with_context(|| format!("--token-file {} is empty", path.display()))
+                .map(Some)
         }
         (Some(_), Some(_)) => bail!("give either --token or --token-file, not both"),
-        (None, None) => {
-            bail!("the site's enrollment token is required: --token, --token-file or COHORT_TOKEN")
-        }
+        (None, None) if args.tls.tls_cert.is_some() => Ok(None),
+        (None, None) => bail!(
+            "the site needs an enrollment token (--token, --token-file or COHORT_TOKEN) or, \
+             when the coordinator runs mutual TLS and enrolls the site by its certificate's \
+             name, a client certificate (--tls-cert and --tls-key)"
+        ),
     }
 }
 
@@ -298,6 +306,7 @@ async fn federated(args: FederatedArgs) -> anyhow::Result<()> {
         data = %config.data_dir.display(),
         device = %device_name(device),
         threads = config.threads,
+        enrolled_by = if config.token.is_some() { "token" } else { "certificate" },
         version = env!("CARGO_PKG_VERSION"),
         "federated client starting"
     );

@@ -319,7 +319,7 @@ fn config(address: String, data_dir: &Path, token: &str) -> FederatedConfig {
         coordinator: address,
         tls: Default::default(),
         data_dir: data_dir.to_path_buf(),
-        token: EnrollmentToken::new(token).unwrap(),
+        token: EnrollmentToken::new(token),
         device: tch::Device::Cpu,
         threads: 1,
         retry: RetryPolicy {
@@ -497,4 +497,39 @@ async fn missing_local_text_is_reported_before_training() {
         .unwrap_err();
     assert!(err.to_string().contains("fewer than one window"), "{err}");
     assert_eq!(record.lock().unwrap().pushes.len(), 0);
+}
+
+#[test]
+fn a_site_needs_a_token_or_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    site_data(dir.path());
+    let run = |extra: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_cohort-worker"))
+            .args(["federated", "--coordinator", "https://127.0.0.1:9"])
+            .args(["--device", "cpu", "--retry-attempts", "1", "--data"])
+            .arg(dir.path())
+            .args(extra)
+            .env_remove("COHORT_TOKEN")
+            .env_remove("COHORT_TOKEN_FILE")
+            .env_remove("COHORT_WORKER_TLS_CERT")
+            .env_remove("COHORT_WORKER_TLS_KEY")
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let neither = run(&[]);
+    assert!(
+        neither.contains("needs an enrollment token") && neither.contains("--tls-cert"),
+        "{neither}"
+    );
+    // With a client certificate (here a missing file) the token is optional:
+    // what fails is the certificate, not the missing token.
+    let missing = dir.path().join("missing.pem").display().to_string();
+    let by_certificate = run(&["--tls-cert", &missing, "--tls-key", &missing]);
+    assert!(
+        !by_certificate.contains("needs an enrollment token")
+            && by_certificate.contains("missing.pem"),
+        "{by_certificate}"
+    );
 }
