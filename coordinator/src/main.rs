@@ -65,8 +65,9 @@ struct RunSecurity {
     /// only behind a network that already encrypts and authenticates.
     #[arg(long, env = "COHORT_INSECURE_PLAINTEXT", conflicts_with = "tls_cert")]
     insecure_plaintext: bool,
-    /// A file holding the operator token: only its bearer may call Status
-    /// (workers' sessions and enrollment tokens cannot). Unset: Status is open.
+    /// A file holding the operator token: only its bearer may call Status and
+    /// Stop (workers' sessions and enrollment tokens cannot). Unset: both are
+    /// open to anyone who can connect.
     #[arg(long, value_name = "PATH", env = "COHORT_OPERATOR_TOKEN_FILE")]
     operator_token_file: Option<PathBuf>,
 }
@@ -100,6 +101,70 @@ impl RunSecurity {
     }
 }
 
+/// How an operator command (`status`, `stop`) reaches the coordinator and
+/// proves it is the operator.
+#[derive(clap::Args, Debug)]
+struct OperatorArgs {
+    /// The coordinator's gRPC URL.
+    #[arg(
+        long,
+        env = "COHORT_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// A file holding the operator token, for a coordinator run with one.
+    #[arg(long, value_name = "PATH", env = "COHORT_OPERATOR_TOKEN_FILE")]
+    operator_token_file: Option<PathBuf>,
+    /// PEM CA of the coordinator's certificate (https:// URLs; default:
+    /// the system's roots).
+    #[arg(long, value_name = "PEM", env = "COHORT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a coordinator with mutual TLS.
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "COHORT_OPERATOR_TLS_CERT",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "COHORT_OPERATOR_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+}
+
+impl OperatorArgs {
+    /// The files read: token, CA, client identity.
+    fn access(&self) -> anyhow::Result<status::StatusAccess> {
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+        };
+        Ok(status::StatusAccess {
+            operator_token: self
+                .operator_token_file
+                .as_ref()
+                .map(|path| read("--operator-token-file", path))
+                .transpose()?
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
+            tls_ca: self
+                .tls_ca
+                .as_ref()
+                .map(|p| read("--tls-ca", p))
+                .transpose()?,
+            tls_identity: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => {
+                    Some((read("--tls-cert", cert)?, read("--tls-key", key)?))
+                }
+                _ => None,
+            },
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
     Text,
@@ -108,10 +173,11 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Runs a pretraining job until it finishes (or SIGINT/SIGTERM, which
-    /// checkpoints and exits 0). Resumes by default: when the run directory's
-    /// store (`cohort.sqlite`) holds a checkpoint of the same job, training
-    /// continues from the newest intact one; a store of another job is refused.
+    /// Runs a pretraining job until it finishes (or SIGINT/SIGTERM or an
+    /// operator's `stop`, which checkpoint and exit 0). Resumes by default:
+    /// when the run directory's store (`cohort.sqlite`) holds a checkpoint of
+    /// the same job, training continues from the newest intact one; a store
+    /// of another job is refused.
     Run {
         /// The job file (TOML).
         #[arg(long, env = "COHORT_JOB")]
@@ -136,6 +202,17 @@ enum Command {
         /// when unset).
         #[arg(long, env = "COHORT_METRICS_LISTEN")]
         metrics_listen: Option<SocketAddr>,
+        /// Also serve gRPC health checks (grpc.health.v1, nothing else) in
+        /// plaintext on ADDR, for probes that cannot speak TLS (the
+        /// kubelet's); off when unset.
+        #[arg(long, value_name = "ADDR", env = "COHORT_HEALTH_LISTEN")]
+        health_listen: Option<SocketAddr>,
+        /// Export tracing spans (RPC handlers) to this OpenTelemetry
+        /// collector over OTLP/gRPC, as service.name cohort-coordinator, e.g.
+        /// http://127.0.0.1:4317; off when unset. An unreachable collector
+        /// only costs a warning.
+        #[arg(long, value_name = "URL", env = "COHORT_OTLP_ENDPOINT", value_parser = cohort_telemetry::parse_endpoint)]
+        otlp_endpoint: Option<String>,
         #[command(flatten)]
         security: RunSecurity,
     },
@@ -165,39 +242,22 @@ enum Command {
     /// The live job at a glance: round, workers and their state, last
     /// losses, privacy spent and left, ETA (the coordinator's Status RPC).
     Status {
-        /// The coordinator's gRPC URL.
-        #[arg(
-            long,
-            env = "COHORT_COORDINATOR",
-            default_value = "http://127.0.0.1:50051"
-        )]
-        coordinator: String,
         /// Print one JSON object instead of a table.
         #[arg(long, env = "COHORT_JSON")]
         json: bool,
-        /// A file holding the operator token, for a coordinator run with one.
-        #[arg(long, value_name = "PATH", env = "COHORT_OPERATOR_TOKEN_FILE")]
-        operator_token_file: Option<PathBuf>,
-        /// PEM CA of the coordinator's certificate (https:// URLs; default:
-        /// the system's roots).
-        #[arg(long, value_name = "PEM", env = "COHORT_TLS_CA")]
-        tls_ca: Option<PathBuf>,
-        /// PEM client certificate, for a coordinator with mutual TLS.
-        #[arg(
-            long,
-            value_name = "PEM",
-            env = "COHORT_OPERATOR_TLS_CERT",
-            requires = "tls_key"
-        )]
-        tls_cert: Option<PathBuf>,
-        /// PEM private key of --tls-cert.
-        #[arg(
-            long,
-            value_name = "PEM",
-            env = "COHORT_OPERATOR_TLS_KEY",
-            requires = "tls_cert"
-        )]
-        tls_key: Option<PathBuf>,
+        #[command(flatten)]
+        access: OperatorArgs,
+    },
+    /// Stops the live job as SIGTERM would (health NOT_SERVING, the current
+    /// version checkpointed, exit 0; a restart resumes) and tells every
+    /// worker the job is done, with the reason (the coordinator's Stop RPC).
+    /// Prints the phase and committed rounds the coordinator stopped at.
+    Stop {
+        /// Why: logged by the coordinator and told to the workers.
+        #[arg(long, value_name = "TEXT", env = "COHORT_STOP_REASON")]
+        reason: Option<String>,
+        #[command(flatten)]
+        access: OperatorArgs,
     },
     /// Draws a run's loss curves (and epsilon spent, for federated jobs with
     /// DP) from its metrics.jsonl to an SVG file.
@@ -404,20 +464,20 @@ fn import_hf(args: ImportHfArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn install_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
-    }
+/// Log lines on stderr and, with `run --otlp-endpoint`, spans to an OTLP
+/// collector; the returned handle flushes them at the end of `main`.
+fn install_tracing(format: LogFormat, otlp_endpoint: Option<&str>) -> cohort_telemetry::Telemetry {
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer: cohort_telemetry::LogLayer = match format {
+        LogFormat::Text => Box::new(layer),
+        LogFormat::Json => Box::new(layer.json().flatten_event(true).with_current_span(true)),
+    };
+    cohort_telemetry::install(
+        "cohort-coordinator",
+        env!("CARGO_PKG_VERSION"),
+        otlp_endpoint,
+        layer,
+    )
 }
 
 async fn shutdown_signal() {
@@ -451,6 +511,7 @@ async fn run_job(
     run_dir: Option<PathBuf>,
     fresh: bool,
     metrics_listen: Option<SocketAddr>,
+    health_listen: Option<SocketAddr>,
     security: RunSecurity,
 ) -> anyhow::Result<()> {
     // Everything is validated before a port is bound.
@@ -480,6 +541,14 @@ async fn run_job(
         ),
         None => None,
     };
+    let health_listener = match health_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for health checks on {address}"))?,
+        ),
+        None => None,
+    };
     let mode = if fresh {
         server::StartMode::Fresh
     } else {
@@ -490,8 +559,12 @@ async fn run_job(
         metrics_listener,
         tls,
         operator_token,
+        health_listener,
     };
     let outcome = server::run_with_options(listener, plan, shutdown_signal(), options).await?;
+    if let Some(reason) = &outcome.stopped_by_operator {
+        info!(version = outcome.version.0, reason = %reason, "the job was stopped by an operator; running it again resumes");
+    }
     match (&outcome.checkpoint, outcome.final_eval_loss) {
         (Some(path), Some(loss)) => info!(
             version = outcome.version.0,
@@ -509,7 +582,11 @@ async fn run_job(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    install_tracing(cli.log_format);
+    let otlp_endpoint = match &cli.command {
+        Command::Run { otlp_endpoint, .. } => otlp_endpoint.clone(),
+        _ => None,
+    };
+    let telemetry = install_tracing(cli.log_format, otlp_endpoint.as_deref());
     let result = match cli.command {
         Command::Run {
             job,
@@ -519,6 +596,8 @@ fn main() -> ExitCode {
             run_dir,
             fresh,
             metrics_listen,
+            health_listen,
+            otlp_endpoint: _,
             security,
         } => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -533,45 +612,36 @@ fn main() -> ExitCode {
                     run_dir,
                     fresh,
                     metrics_listen,
+                    health_listen,
                     security,
                 ))
             }),
-        Command::Status {
-            coordinator,
-            json,
-            operator_token_file,
-            tls_ca,
-            tls_cert,
-            tls_key,
-        } => tokio::runtime::Builder::new_current_thread()
+        Command::Status { json, access } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("cannot start the tokio runtime")
             .and_then(|runtime| {
-                let read = |flag: &str, path: &PathBuf| {
-                    std::fs::read(path)
-                        .with_context(|| format!("cannot read {flag} {}", path.display()))
-                };
-                let access = status::StatusAccess {
-                    operator_token: operator_token_file
-                        .as_ref()
-                        .map(|path| read("--operator-token-file", path))
-                        .transpose()?
-                        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
-                    tls_ca: tls_ca.as_ref().map(|p| read("--tls-ca", p)).transpose()?,
-                    tls_identity: match (&tls_cert, &tls_key) {
-                        (Some(cert), Some(key)) => {
-                            Some((read("--tls-cert", cert)?, read("--tls-key", key)?))
-                        }
-                        _ => None,
-                    },
-                };
-                let response = runtime.block_on(status::fetch(&coordinator, &access))?;
+                let response =
+                    runtime.block_on(status::fetch(&access.coordinator, &access.access()?))?;
                 if json {
                     println!("{}", status::to_json(&response));
                 } else {
                     print!("{}", status::render_table(&response));
                 }
+                Ok(())
+            }),
+        Command::Stop { reason, access } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime")
+            .and_then(|runtime| {
+                let reason = reason.unwrap_or_default();
+                let response = runtime.block_on(status::stop(
+                    &access.coordinator,
+                    &access.access()?,
+                    &reason,
+                ))?;
+                println!("{}", status::render_stop(&access.coordinator, &response));
                 Ok(())
             }),
         Command::Plot { run_dir, out } => plot::plot_run(&run_dir, &out)
@@ -700,12 +770,15 @@ fn main() -> ExitCode {
         Command::ExportHf(args) => export_hf(args),
         Command::ImportHf(args) => import_hf(args),
     };
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
-    }
+    };
+    // After the runtime is gone: sends the spans still queued.
+    telemetry.shutdown();
+    code
 }
