@@ -2,14 +2,14 @@
 //! dev-certs`, a pretraining job that completes over mutual TLS, and the
 //! refusals: a client certificate from another CA, no client certificate, a
 //! plaintext client, plaintext beyond loopback, and bad or expired session
-//! tokens.
+//! tokens; federated client sites enrolled by their certificate's name.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cohort_proto::session::SessionAuth;
 use cohort_proto::v1 as pb;
-use cohort_tests::{binary, DataOptions, Job, Proc, TINY_MODEL};
+use cohort_tests::{binary, DataOptions, FederatedJob, Job, Proc, TINY_MODEL};
 use pb::coordinator_client::CoordinatorClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -386,4 +386,113 @@ async fn status_needs_the_operator_token_and_a_worker_session_is_not_it() {
         "{}",
         command.report("no job name")
     );
+}
+
+/// Two client sites enrolled by their certificates' names (`client-01`,
+/// `client-02` from dev-certs) join a federated job over mutual TLS and
+/// finish its rounds: the first by its certificate alone, the second with
+/// its token too.
+#[test]
+fn federated_sites_enrolled_by_certificate_complete_their_rounds() {
+    let mut fed = FederatedJob::new(2);
+    let certs = dev_certs(fed.job.dir.path(), "certs", 2);
+    let enrollment_path = fed.job.path("clients/enrollment.toml");
+    let enrollment: toml::Value =
+        toml::from_str(&std::fs::read_to_string(&enrollment_path).unwrap()).unwrap();
+    let mut text = String::new();
+    for (i, client) in enrollment["client"].as_array().unwrap().iter().enumerate() {
+        text.push_str(&format!(
+            "[[client]]\nname = {:?}\ncertificate_name = \"client-{:02}\"\n",
+            client["name"].as_str().unwrap(),
+            i + 1
+        ));
+        if i == 1 {
+            let hash = client["token_sha256"].as_str().unwrap();
+            text.push_str(&format!("token_sha256 = \"{hash}\"\n"));
+        }
+    }
+    std::fs::write(&enrollment_path, text).unwrap();
+    fed.write_job(
+        r#"
+name = "federated-by-certificate"
+seed = 3
+[model]
+vocab_size = 256
+context_length = 32
+n_layer = 1
+n_head = 2
+d_model = 32
+[train]
+rounds = 2
+inner_steps = 2
+micro_batch_size = 4
+[cluster]
+min_workers = 2
+min_participants = 2
+lease_ms = 6000
+heartbeat_ms = 500
+round_deadline_ms = 60000
+[federated]
+trainable = "lora"
+lora_rank = 2
+sample_rate = 1.0
+[federated.dp]
+mode = "central"
+clip_norm = 0.5
+noise_multiplier = 1.0
+epsilon = 50.0
+delta = 1e-5
+"#,
+    );
+    start_tls_coordinator(&mut fed.job, &certs, true);
+    let addr = fed.job.addr.clone().unwrap();
+    for (i, name) in fed.clients.clone().iter().enumerate() {
+        let site = fed.job.path("clients").join(name);
+        let client = format!("client-{:02}", i + 1);
+        let mut args: Vec<String> = [
+            "federated",
+            "--coordinator",
+            &addr,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--tls-ca",
+            &path(&certs, "ca.pem"),
+            "--tls-cert",
+            &path(&certs, &format!("{client}.pem")),
+            "--tls-key",
+            &path(&certs, &format!("{client}.key")),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(["--data".to_string(), site.display().to_string()]);
+        if i == 1 {
+            args.extend([
+                "--token-file".to_string(),
+                site.join("token").display().to_string(),
+            ]);
+        }
+        let proc = Proc::spawn(name, &binary("cohort-worker"), &args, fed.job.dir.path());
+        fed.job.workers.push(proc);
+    }
+    fed.job.wait_all(Duration::from_secs(120));
+    let rounds: Vec<serde_json::Value> = fed
+        .job
+        .metrics()
+        .into_iter()
+        .filter(|m| m.get("epsilon_spent").is_some())
+        .collect();
+    assert_eq!(rounds.len(), 2, "{rounds:?}");
+    assert!(rounds.iter().all(|r| r["participants"].as_u64() == Some(2)));
+    for client in &fed.job.workers {
+        assert!(
+            client.output().contains("federated round pushed")
+                && client.output().contains("enrolled_by"),
+            "{}",
+            client.report("never pushed")
+        );
+    }
+    assert!(fed.job.workers[0].output().contains("certificate"));
 }
