@@ -798,7 +798,7 @@ pub fn stats_to_proto(stats: &TrainStats) -> pb::TrainStats {
         train_seconds: stats.seconds,
         eval_loss: stats.eval_loss,
         eval_tokens: stats.eval_tokens,
-        eval_accuracy: None,
+        eval_accuracy: stats.eval_accuracy,
     }
 }
 

@@ -25,10 +25,11 @@ use crate::connection::{
 };
 use crate::device::device_name;
 use crate::job::{validate_federated_job, FederatedJob, TrainableSet};
+use crate::labeled::LabeledExamples;
 use crate::tensor_thread::{TensorThread, ThreadError};
 use crate::text::LocalText;
 use crate::trainer::TrainerError;
-use local::{LocalConfig, LocalTrainer};
+use local::{LocalConfig, LocalTrainer, SiteData};
 use privatize::PrivacyConfig;
 
 /// A site's enrollment token; never printed.
@@ -187,6 +188,7 @@ impl Site {
                 TrainableSet::Full => None,
                 TrainableSet::Lora(lora) => Some(lora),
             },
+            num_classes: job.task.num_classes(),
             inner: job.inner.clone(),
             local_steps: job.local_steps,
             micro_batch_size: job.micro_batch_size,
@@ -211,14 +213,32 @@ impl Site {
         let context = job.model.context_length as usize;
         let config = wanted.clone();
         let thread = TensorThread::spawn("cohort-federated", move || {
-            let text = LocalText::load(&data_dir, tokenizer, context)?;
-            info!(
-                train_tokens = text.train.len(),
-                test_tokens = text.test.len(),
-                tokenizer = %tokenizer,
-                "local text loaded"
-            );
-            LocalTrainer::new(config, text)
+            let data = match config.num_classes {
+                None => {
+                    let text = LocalText::load(&data_dir, tokenizer, context)?;
+                    info!(
+                        train_tokens = text.train.len(),
+                        test_tokens = text.test.len(),
+                        tokenizer = %tokenizer,
+                        "local text loaded"
+                    );
+                    SiteData::Text(text)
+                }
+                Some(num_classes) => {
+                    let examples =
+                        LabeledExamples::load(&data_dir, tokenizer, context, num_classes)?;
+                    info!(
+                        train_examples = examples.train.len(),
+                        test_examples = examples.test.len(),
+                        train_per_class = ?LabeledExamples::class_counts(&examples.train, num_classes),
+                        truncated_to_context = examples.truncated,
+                        tokenizer = %tokenizer,
+                        "local labeled examples loaded"
+                    );
+                    SiteData::Labeled(examples)
+                }
+            };
+            LocalTrainer::new(config, data)
         })
         .await
         .map_err(ClientError::Trainer)?;
@@ -321,6 +341,7 @@ impl Tasks for Site {
             sent_norm = out.privacy.sent_norm,
             loss = stats.mean_loss,
             eval_loss = stats.eval_loss,
+            eval_accuracy = stats.eval_accuracy,
             tokens = stats.tokens,
             pulled_bytes,
             pushed_bytes,
@@ -356,15 +377,16 @@ impl Tasks for Site {
                 version: task.version,
                 loss: out.loss,
                 tokens: out.tokens,
-                accuracy: None,
+                accuracy: out.accuracy,
             })
             .await?;
         self.summary.evals_reported += 1;
         info!(
             version = task.version,
             eval_loss = out.loss,
-            tokens = out.tokens,
-            "version evaluated on the local test text"
+            eval_accuracy = out.accuracy,
+            weight = out.tokens,
+            "version evaluated on the site's held-out data"
         );
         Ok(())
     }
