@@ -518,8 +518,9 @@ pub fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     Some(rest.split(' ').next().unwrap_or(rest))
 }
 
-/// A federated job's directory: client sites prepared from the committed
-/// Shakespeare fixture (`prepare-federated`), a job file, and the processes.
+/// A federated job's directory: client sites prepared from a committed
+/// fixture (`prepare-federated`: Shakespeare text or labeled sentiment
+/// sentences), a job file, and the processes.
 pub struct FederatedJob {
     pub job: Job,
     /// Client site names, in `enrollment.toml` order.
@@ -527,21 +528,32 @@ pub struct FederatedJob {
 }
 
 impl FederatedJob {
-    /// Prepares `clients` client sites into `<dir>/clients`.
+    /// Prepares `clients` Shakespeare client sites (text) into `<dir>/clients`.
     pub fn new(clients: usize) -> FederatedJob {
+        FederatedJob::prepare(clients, &["--plays", "shakespeare", "--min-chars", "300"])
+    }
+
+    /// Prepares `clients` sentiment client sites (labeled examples, split by
+    /// domain) into `<dir>/clients`.
+    pub fn sentiment(clients: usize) -> FederatedJob {
+        FederatedJob::prepare(clients, &["--sentiment", "sentiment"])
+    }
+
+    /// `source` is prepare-federated's source flag and the fixture under
+    /// data/fixtures, then any further flags.
+    fn prepare(clients: usize, source: &[&str]) -> FederatedJob {
         let dir = tempfile::tempdir().expect("temp dir");
-        let fixture = workspace_root().join("data/fixtures/shakespeare");
-        let args: Vec<String> = vec![
+        let fixture = workspace_root().join("data/fixtures").join(source[1]);
+        let mut args: Vec<String> = vec![
             "prepare-federated".into(),
-            "--plays".into(),
+            source[0].into(),
             fixture.display().to_string(),
             "--out".into(),
             dir.path().join("clients").display().to_string(),
             "--clients".into(),
             clients.to_string(),
-            "--min-chars".into(),
-            "300".into(),
         ];
+        args.extend(source[2..].iter().map(|s| s.to_string()));
         let mut prepare = Proc::spawn(
             "prepare-federated",
             &binary("cohort-coordinator"),
