@@ -10,7 +10,6 @@ use cohort_worker::client::{self, ClientConfig, ClientTls, RetryPolicy};
 use cohort_worker::device::{device_name, DeviceRequest};
 use cohort_worker::federated::{self, EnrollmentToken, FederatedConfig};
 use tracing::{error, info, warn};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -151,6 +150,11 @@ struct PretrainArgs {
     /// (backoff 200 ms doubling to 5 s; the default waits about a minute).
     #[arg(long, env = "COHORT_RETRY_ATTEMPTS", default_value_t = RetryPolicy::default().max_attempts)]
     retry_attempts: u32,
+    /// Export tracing spans (rounds, evals) to this OpenTelemetry collector over
+    /// OTLP/gRPC, as service.name cohort-worker, e.g. http://127.0.0.1:4317; off
+    /// when unset. An unreachable collector only costs a warning.
+    #[arg(long, value_name = "URL", env = "COHORT_OTLP_ENDPOINT", value_parser = cohort_telemetry::parse_endpoint)]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -189,19 +193,29 @@ struct FederatedArgs {
     /// (backoff 200 ms doubling to 5 s; the default waits about a minute).
     #[arg(long, env = "COHORT_RETRY_ATTEMPTS", default_value_t = RetryPolicy::default().max_attempts)]
     retry_attempts: u32,
+    /// Export tracing spans (rounds, evals) to this OpenTelemetry collector over
+    /// OTLP/gRPC, as service.name cohort-worker, e.g. http://127.0.0.1:4317; off
+    /// when unset. An unreachable collector only costs a warning.
+    #[arg(long, value_name = "URL", env = "COHORT_OTLP_ENDPOINT", value_parser = cohort_telemetry::parse_endpoint)]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+/// Log lines on stderr and, with --otlp-endpoint, spans to an OTLP collector;
+/// the returned handle flushes them at the end of `main`.
+fn init_tracing(format: LogFormat, otlp_endpoint: Option<&str>) -> cohort_telemetry::Telemetry {
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer: cohort_telemetry::LogLayer = match format {
+        LogFormat::Text => Box::new(layer),
+        LogFormat::Json => Box::new(layer.json()),
+    };
+    cohort_telemetry::install(
+        "cohort-worker",
+        env!("CARGO_PKG_VERSION"),
+        otlp_endpoint,
+        layer,
+    )
 }
 
 async fn pretrain(args: PretrainArgs) -> anyhow::Result<()> {
@@ -326,12 +340,12 @@ async fn federated(args: FederatedArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log_format = match &cli.command {
-        Command::Pretrain(args) => args.log_format,
-        Command::Federated(args) => args.log_format,
-        Command::Logits(_) => LogFormat::Text,
+    let (log_format, otlp_endpoint) = match &cli.command {
+        Command::Pretrain(args) => (args.log_format, args.otlp_endpoint.clone()),
+        Command::Federated(args) => (args.log_format, args.otlp_endpoint.clone()),
+        Command::Logits(_) => (LogFormat::Text, None),
     };
-    init_tracing(log_format);
+    let telemetry = init_tracing(log_format, otlp_endpoint.as_deref());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -339,6 +353,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("cohort-worker: cannot start the async runtime: {e}");
+            telemetry.shutdown();
             return ExitCode::FAILURE;
         }
     };
@@ -347,12 +362,16 @@ fn main() -> ExitCode {
         Command::Federated(args) => runtime.block_on(federated(args)),
         Command::Logits(args) => print_logits(args),
     };
-    match result {
+    // The training runtime goes first; then the spans still queued are sent.
+    drop(runtime);
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = format!("{e:#}"), "worker failed");
             eprintln!("cohort-worker: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }
