@@ -20,6 +20,11 @@ use pb::next_task_response::Task;
 use tonic::{Request, Response, Status, Streaming};
 
 const MAX_CHUNK_BYTES: u32 = 256;
+// A fake OTLP collector, shared with the coordinator's tests.
+#[path = "../../coordinator/tests/support/otlp_collector.rs"]
+#[allow(dead_code)] // unreachable_endpoint is for the coordinator's tests
+mod otlp_collector;
+
 const TOKEN: &str = "site-a-secret";
 const RANK: u32 = 2;
 
@@ -458,6 +463,52 @@ async fn an_unknown_token_is_a_clear_error() {
         !stderr.contains("stolen-or-typo"),
         "the token is never printed: {stderr}"
     );
+}
+
+#[tokio::test]
+async fn the_binary_exports_its_round_spans_as_cohort_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    site_data(dir.path());
+    let (mock, record) = mock(
+        lora_job(1.0, 0.0),
+        vec![
+            train(1, 1),
+            Ok(Task::Done(pb::DoneTask {
+                reason: "federated rounds done".into(),
+            })),
+        ],
+    );
+    let address = serve(mock).await;
+    let collector = otlp_collector::FakeCollector::start().await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_cohort-worker"))
+        .args(["federated", "--coordinator", &address, "--device", "cpu"])
+        .arg("--data")
+        .arg(dir.path())
+        .args(["--token", TOKEN, "--otlp-endpoint", &collector.endpoint])
+        .env_remove("COHORT_TOKEN")
+        .env_remove("COHORT_TOKEN_FILE")
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), output)
+        .await
+        .expect("the worker did not finish within 2 minutes")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(record.lock().unwrap().pushes.len(), 1, "{stderr}");
+    // The worker exits long before the batch processor's 5 s schedule: the
+    // spans arrive through the flush at exit.
+    let spans = collector.wait_for("round", Duration::from_secs(5)).await;
+    assert!(
+        spans.iter().any(|s| s.name == "round"),
+        "no round span in {spans:?}\n{stderr}"
+    );
+    assert!(
+        spans.iter().all(|s| s.service == "cohort-worker"),
+        "{spans:?}"
+    );
+    assert!(!stderr.contains("cannot export spans"), "{stderr}");
 }
 
 #[tokio::test]
