@@ -7,7 +7,11 @@
 #   3. fine-tune LoRA adapters across the 8 sites with differential privacy:
 #      each round samples clients with probability 0.5, they train on their
 #      own lines, clip and noise their update, and the coordinator charges
-#      the privacy ledger before it releases the aggregate.
+#      the privacy ledger before it releases the aggregate;
+#   4. the same for sentiment classification: 8 sites holding labeled
+#      sentences of one domain each (movies, restaurants, products) train
+#      LoRA adapters and a small head on the pretrained model, and every
+#      round reports held-out accuracy.
 # Usage: scripts/federated-local.sh [distributed|central|local|none]
 #   distributed (default): clients add shares of the noise, ε ≈ 8 for the released sums
 #   central: clients clip, the coordinator adds the noise, ε ≈ 8
@@ -61,7 +65,7 @@ if [ ! -f "$base" ]; then
       --output "$data" --tokenizer byte --context-length 64 --shard-tokens 16384
   fi
   rm -rf runs/fed-pretrain && mkdir -p runs/fed-pretrain
-  echo "1/3 pretraining the tiny GPT for 60 rounds (log: runs/fed-pretrain/coordinator.log)"
+  echo "1/4 pretraining the tiny GPT for 60 rounds (log: runs/fed-pretrain/coordinator.log)"
   start_coordinator jobs/fed-pretrain.toml runs/fed-pretrain/addr runs/fed-pretrain/coordinator.log
   for i in 1 2; do
     "$bin/cohort-worker" pretrain --coordinator "$addr" --data-dir "$data" --device auto \
@@ -70,15 +74,21 @@ if [ ! -f "$base" ]; then
   done
   wait "$coordinator"
 fi
-echo "1/3 base model: $base"
+echo "1/4 base model: $base"
 
-# 2. Client sites.
+# 2. Client sites: Shakespeare roles (text) and sentiment domains (labeled).
 clients=runs/fed-clients
 if [ ! -f "$clients/enrollment.toml" ]; then
   "$bin/cohort-coordinator" prepare-federated --plays "$COHORT_CACHE/corpus/shakespeare" \
     --out "$clients" --clients 8
 fi
-echo "2/3 client sites: $(grep -c '^\[\[client\]\]' "$clients/enrollment.toml") in $clients"
+sentiment_clients=runs/fed-sentiment-clients
+if [ ! -f "$sentiment_clients/enrollment.toml" ]; then
+  "$bin/cohort-coordinator" prepare-federated --sentiment "$COHORT_CACHE/corpus/sentiment" \
+    --out "$sentiment_clients" --clients 8
+fi
+echo "2/4 client sites: $(grep -c '^\[\[client\]\]' "$clients/enrollment.toml") in $clients," \
+  "$(grep -c '^\[\[client\]\]' "$sentiment_clients/enrollment.toml") in $sentiment_clients"
 
 # 3. The federated job, with the DP section for the chosen mode.
 case "$MODE" in
@@ -90,37 +100,53 @@ case "$MODE" in
   local) dp=$'mode = "local"\nclip_norm = 0.5\nnoise_multiplier = 7.0\nepsilon = 8.0\ndelta = 1e-5' ;;
   none) dp=$'mode = "none"' ;;
 esac
-run_dir=runs/fed-shakespeare-$MODE
-job=runs/fed-shakespeare-$MODE.toml
-sed -e "s|^run_dir = .*|run_dir = \"fed-shakespeare-$MODE\"|" -e 's|"\.\./runs/|"|' \
-  -e '/^\[federated\.dp\]/,$d' jobs/fed-shakespeare.toml >"$job"
-printf '[federated.dp]\n%s\n' "$dp" >>"$job"
-rm -rf "$run_dir" && mkdir -p "$run_dir"
-echo "3/3 federated fine-tuning, DP mode $MODE, $ROUNDS rounds at q = $RATE (logs in $run_dir)"
-start_coordinator "$job" "$run_dir/addr" "$run_dir/coordinator.log"
-for site in "$clients"/*/; do
-  name=$(basename "$site")
-  "$bin/cohort-worker" federated --coordinator "$addr" --data "$site" --token-file "$site/token" \
-    --device auto --threads 1 >"$run_dir/$name.log" 2>&1 &
-  pids+=($!)
-done
-wait "$coordinator"
-status=0
-for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || status=1; done
-pids=()
-[ "$status" = 0 ] || echo "a process exited with an error; see $run_dir" >&2
+# Runs federated job $1 (a jobs/ file, name $2) over the sites in $3 with
+# the DP section above, then prints the per-round table from metrics.jsonl.
+federate() {
+  local template=$1 name=$2 sites=$3
+  local run_dir=runs/$name-$MODE job=runs/$name-$MODE.toml
+  sed -e "s|^run_dir = .*|run_dir = \"$name-$MODE\"|" -e 's|"\.\./runs/|"|' \
+    -e '/^\[federated\.dp\]/,$d' "$template" >"$job"
+  printf '[federated.dp]\n%s\n' "$dp" >>"$job"
+  rm -rf "$run_dir" && mkdir -p "$run_dir"
+  start_coordinator "$job" "$run_dir/addr" "$run_dir/coordinator.log"
+  for site in "$sites"/*/; do
+    local site_name
+    site_name=$(basename "$site")
+    "$bin/cohort-worker" federated --coordinator "$addr" --data "$site" \
+      --token-file "$site/token" --device auto --threads 1 >"$run_dir/$site_name.log" 2>&1 &
+    pids+=($!)
+  done
+  wait "$coordinator"
+  local status=0
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || status=1; done
+  pids=()
+  [ "$status" = 0 ] || echo "a process exited with an error; see $run_dir" >&2
 
-python3 - "$run_dir/metrics.jsonl" <<'PY'
+  python3 - "$run_dir/metrics.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print(f"{'round':>5} {'sampled':>7} {'pushed':>6} {'update norm':>11} {'eval loss':>9} {'ε spent':>8}")
-for r in rows:
-    if "sampled" in r:
-        eps = r.get("epsilon_spent")
-        print(f"{r['round']:>5} {r['sampled']:>7} {r['participants']:>6} {r['mean_update_norm']:>11.4f} "
-              f"{r['eval_loss'] if r['eval_loss'] is not None else float('nan'):>9.4f} "
-              f"{'-' if eps is None else format(eps, '.3f'):>8}")
+rounds = [r for r in rows if "sampled" in r]
+accuracy = any(r.get("eval_accuracy") is not None for r in rows)
+num = lambda v, f: "-" if v is None else format(v, f)
+print(f"{'round':>5} {'sampled':>7} {'pushed':>6} {'update norm':>11} {'eval loss':>9}"
+      + (f" {'accuracy':>8}" if accuracy else "") + f" {'ε spent':>8}")
+for r in rounds:
+    print(f"{r['round']:>5} {r['sampled']:>7} {r['participants']:>6} {r['mean_update_norm']:>11.4f} "
+          f"{num(r['eval_loss'], '.4f'):>9}"
+          + (f" {num(r.get('eval_accuracy'), '.1%'):>8}" if accuracy else "")
+          + f" {num(r.get('epsilon_spent'), '.3f'):>8}")
 final = [r for r in rows if r.get("final")]
 if final:
-    print(f"final eval loss (every site's test split, version {final[-1]['version']}): {final[-1]['eval_loss']}")
+    f = final[-1]
+    line = f"final (every site's test split, version {f['version']}): eval loss {num(f['eval_loss'], '.4f')}"
+    if f.get("eval_accuracy") is not None:
+        line += f", accuracy {f['eval_accuracy']:.1%}"
+    print(line)
 PY
+}
+
+echo "3/4 federated next-token fine-tuning on Shakespeare, DP mode $MODE, $ROUNDS rounds at q = $RATE (logs in runs/fed-shakespeare-$MODE)"
+federate jobs/fed-shakespeare.toml fed-shakespeare "$clients"
+echo "4/4 federated sentiment classification, DP mode $MODE, $ROUNDS rounds at q = $RATE (logs in runs/fed-sentiment-$MODE)"
+federate jobs/fed-sentiment.toml fed-sentiment "$sentiment_clients"
