@@ -177,7 +177,7 @@ check_systemd() {
     out="$(echo "$out" | grep -vE "Unknown key '(RestartSteps|RestartMaxDelaySec)'" || true)"
     [ -z "$out" ] || fail "systemd-analyze verify $unit: $out"
   done
-  log "systemd: units verified ($(systemd-analyze --version | head -n 1))"
+  log "systemd: units verified ($(systemd-analyze --version | awk 'NR == 1'))"
 }
 
 ensure_tools
