@@ -185,6 +185,22 @@ impl std::fmt::Debug for SharedParams {
     }
 }
 
+impl FederatedPlan {
+    /// Sites enrolled by certificate name only (no token): they can join only
+    /// a coordinator that asks clients for certificates (mutual TLS).
+    pub fn certificate_only_sites(&self) -> Vec<String> {
+        let by_token: std::collections::BTreeSet<&String> = self.clients.values().collect();
+        let mut sites: Vec<String> = self
+            .certificate_names
+            .values()
+            .filter(|name| !by_token.contains(name))
+            .cloned()
+            .collect();
+        sites.sort();
+        sites
+    }
+}
+
 /// The validated federated part of a job.
 #[derive(Clone, Debug)]
 pub struct FederatedPlan {

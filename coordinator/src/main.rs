@@ -15,7 +15,7 @@ use cohort_coordinator::planning::{self, PrivacyQuestion};
 use cohort_coordinator::service::OperatorToken;
 use cohort_coordinator::tls::{self, ServerTls, TlsFiles};
 use cohort_coordinator::{plot, server, status};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -524,6 +524,25 @@ async fn run_job(
     }
     let plan = file.validate()?;
     let tls = security.server_tls(listen)?;
+    if let Some(federated) = &plan.federated {
+        let mutual = tls.as_ref().is_some_and(|t| t.mutual());
+        let certificate_only = federated.certificate_only_sites();
+        if !mutual && !certificate_only.is_empty() {
+            anyhow::bail!(
+                "sites {} are enrolled by certificate name only, and this coordinator does not ask \
+                 clients for certificates: start it with --tls-cert, --tls-key and --tls-client-ca \
+                 (mutual TLS), or give those sites a token_sha256",
+                certificate_only.join(", ")
+            );
+        }
+        if !mutual && !federated.certificate_names.is_empty() {
+            warn!(
+                sites = federated.certificate_names.len(),
+                "some sites are enrolled by certificate name as well, but without --tls-client-ca \
+                 they can join only with their tokens"
+            );
+        }
+    }
     let operator_token = security.operator_token()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

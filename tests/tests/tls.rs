@@ -444,6 +444,39 @@ epsilon = 50.0
 delta = 1e-5
 "#,
     );
+    // Without --tls-client-ca the certificate-only site could never join:
+    // the coordinator refuses to start, naming it.
+    let args: Vec<String> = [
+        "run",
+        "--job",
+        &fed.job.path("job.toml").display().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &path(&certs, "server.pem"),
+        "--tls-key",
+        &path(&certs, "server.key"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut refused = Proc::spawn(
+        "no-client-ca",
+        &binary("cohort-coordinator"),
+        &args,
+        fed.job.dir.path(),
+    );
+    let status = refused.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{}", refused.report("exit"));
+    let output = refused.output();
+    assert!(
+        output.contains(&format!(
+            "sites {} are enrolled by certificate name only",
+            fed.clients[0]
+        )) && output.contains("--tls-client-ca"),
+        "{output}"
+    );
+
     start_tls_coordinator(&mut fed.job, &certs, true);
     let addr = fed.job.addr.clone().unwrap();
     for (i, name) in fed.clients.clone().iter().enumerate() {
