@@ -665,6 +665,9 @@ pub struct RoundEngine {
     privacy: PrivacyLedger,
     /// Draws federated cohorts.
     sampling_rng: SplitMix64,
+    /// The push a round's deadline cut off mid-stream (worker, round): its
+    /// next chunk is answered as stale, not as a push that never began.
+    cut_push: Option<(WorkerId, RoundId)>,
     pending_release: Option<PendingRelease>,
     /// Why the job ended early (the privacy budget), if it did.
     stop_reason: Option<String>,
@@ -752,6 +755,7 @@ impl RoundEngine {
             final_eval_accuracy: None,
             events: Vec::new(),
             privacy: PrivacyLedger::default(),
+            cut_push: None,
             sampling_rng: SplitMix64::new(
                 config
                     .federated
@@ -1341,6 +1345,9 @@ impl RoundEngine {
     ) -> Result<(), EngineError> {
         self.touch(worker, now)?;
         self.tick(now);
+        if self.cut_push.is_some_and(|(w, _)| w == worker) {
+            self.cut_push = None;
+        }
         let result = self.check_push_header(worker, &header);
         if let Err(error) = &result {
             if !matches!(error, EngineError::PushInProgress) {
@@ -1455,7 +1462,21 @@ impl RoundEngine {
                 self.abort_push(worker, error);
             }
         }
-        result
+        result.map_err(|e| self.explain_cut_push(e))
+    }
+
+    /// A chunk or finish from a worker whose push the deadline cut off is
+    /// stale: say so rather than that no push began.
+    fn explain_cut_push(&self, error: EngineError) -> EngineError {
+        match (error, self.cut_push) {
+            (EngineError::NoOpenPush(worker), Some((cut, round))) if cut == worker => {
+                EngineError::StaleRound {
+                    got: round,
+                    current: self.round_name(),
+                }
+            }
+            (error, _) => error,
+        }
     }
 
     fn fold_chunk(
@@ -1543,6 +1564,15 @@ impl RoundEngine {
 
     /// Completes the worker's push; the round may commit as a result.
     pub fn finish_push(
+        &mut self,
+        worker: WorkerId,
+        now: Instant,
+    ) -> Result<PushReceipt, EngineError> {
+        self.finish_open_push(worker, now)
+            .map_err(|e| self.explain_cut_push(e))
+    }
+
+    fn finish_open_push(
         &mut self,
         worker: WorkerId,
         now: Instant,
@@ -1683,6 +1713,11 @@ impl RoundEngine {
         };
         if self.accumulator.is_push_open() {
             self.accumulator.abort_push();
+            self.cut_push = round
+                .participants
+                .iter()
+                .find(|(_, p)| matches!(p.state, PushState::Pushing { .. }))
+                .map(|(&w, _)| (w, round.id));
         }
         let pushed = round
             .participants
@@ -2537,6 +2572,24 @@ mod tests {
             e.heartbeat(a, late - Duration::from_secs(5)).unwrap();
             e.heartbeat(b, late - Duration::from_secs(5)).unwrap();
             e.tick(late);
+            // b's next chunk and its finish hear that its round is over.
+            let stale = |e: &RoundEngine| EngineError::StaleRound {
+                got: round,
+                current: e.round_name(),
+            };
+            assert_eq!(e.push_chunk(b, 1, 0, &values(&[9.0; 2]), 8), Err(stale(&e)));
+            assert_eq!(e.finish_push(b, late), Err(stale(&e)));
+            // a never had a push cut off: no push is open for it.
+            assert_eq!(
+                e.push_chunk(a, 0, 0, &values(&[1.0]), 4),
+                Err(EngineError::NoOpenPush(a))
+            );
+            // A new push by b clears the record: a stray chunk after it is
+            // just a chunk without a push.
+            assert!(matches!(
+                e.begin_push(b, header(round, version), late),
+                Err(EngineError::StaleRound { .. })
+            ));
             assert_eq!(
                 e.push_chunk(b, 0, 4, &values(&[9.0]), 4),
                 Err(EngineError::NoOpenPush(b))
