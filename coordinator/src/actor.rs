@@ -319,6 +319,9 @@ struct RunRecords {
     checkpoints_taken: u64,
     writing: Option<tokio::task::JoinHandle<bool>>,
     observer: Arc<Observer>,
+    /// The running round's span, from its start to its commit or abort, so a
+    /// trace (OTLP) shows each round's wall time with its outcome.
+    round_span: Option<tracing::Span>,
 }
 
 impl RunRecords {
@@ -343,6 +346,7 @@ impl RunRecords {
             store,
             checkpoint_due: false,
             checkpoints_taken: 0,
+            round_span: None,
             writing: None,
             observer,
         }
@@ -439,6 +443,17 @@ impl RunRecords {
                 participants,
                 shards,
             } => {
+                self.round_span = Some(tracing::info_span!(
+                    "round",
+                    round = round.0,
+                    version = version.0,
+                    participants,
+                    shards,
+                    outcome = tracing::field::Empty,
+                    loss = tracing::field::Empty,
+                    eval_loss = tracing::field::Empty,
+                    epsilon_spent = tracing::field::Empty,
+                ));
                 info!(
                     round = round.0,
                     version = version.0,
@@ -457,6 +472,16 @@ impl RunRecords {
                 warn!(worker = %worker, round = round.map(|r| r.0), code, reason = %reason, "push rejected")
             }
             Event::RoundCommitted(summary) => {
+                if let Some(span) = self.round_span.take() {
+                    span.record("outcome", "committed");
+                    span.record("loss", summary.mean_loss);
+                    if let Some(loss) = summary.eval_loss {
+                        span.record("eval_loss", loss);
+                    }
+                    if let Some(spent) = summary.federated.as_ref().and_then(|f| f.epsilon_spent) {
+                        span.record("epsilon_spent", spent);
+                    }
+                }
                 self.observer.round_committed(&summary);
                 self.on_commit(&summary);
                 let every = self.plan.checkpoint_every;
@@ -470,6 +495,9 @@ impl RunRecords {
                 needed,
                 returned_shards,
             } => {
+                if let Some(span) = self.round_span.take() {
+                    span.record("outcome", "aborted");
+                }
                 self.observer.metrics.rounds_aborted.inc();
                 warn!(
                     round = round.0,

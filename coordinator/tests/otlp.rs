@@ -163,3 +163,91 @@ async fn an_unreachable_collector_costs_a_warning_not_the_run() {
     );
     assert!(stderr.contains("cannot export spans"), "{stderr}");
 }
+
+#[path = "support/session_client.rs"]
+mod session_client;
+
+/// Joins as a pretraining worker and pushes a zero update for round 1, which
+/// commits it (one participant is the quorum).
+async fn push_round_one(addr: &str) {
+    use cohort_proto::v1 as pb;
+    let mut client = session_client::Client::connect(addr).await;
+    let joined = client
+        .join(pb::JoinRequest {
+            info: Some(pb::WorkerInfo {
+                hostname: "otlp-test".into(),
+                device: "cpu".into(),
+                device_memory_bytes: 0,
+                role: pb::Role::Pretrain as i32,
+            }),
+            token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    client.remember(&joined);
+    let worker_id = joined.worker_id.clone();
+    let task = client
+        .next_task(pb::NextTaskRequest {
+            worker_id: worker_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::next_task_response::Task::Train(train)) = task.task else {
+        panic!("expected a training task, got {task:?}");
+    };
+    let mut messages = vec![pb::UpdateChunk {
+        kind: Some(pb::update_chunk::Kind::Header(pb::PushHeader {
+            worker_id,
+            round: train.round,
+            base_version: train.version,
+            dtype: pb::DType::DtypeF32 as i32,
+            stats: Some(pb::TrainStats {
+                mean_loss: 5.0,
+                tokens: 64,
+                train_seconds: 0.1,
+                ..Default::default()
+            }),
+        })),
+    }];
+    let job = joined.job.expect("a job spec");
+    for (index, tensor) in job.tensors.iter().enumerate() {
+        let numel: u64 = tensor.shape.iter().product();
+        messages.push(pb::UpdateChunk {
+            kind: Some(pb::update_chunk::Kind::Chunk(pb::TensorChunk {
+                tensor_index: index as u32,
+                offset: 0,
+                data: vec![0u8; numel as usize * 4].into(),
+            })),
+        });
+    }
+    client
+        .push_update(tokio_stream::iter(messages))
+        .await
+        .expect("the push is accepted");
+}
+
+#[tokio::test]
+async fn a_committed_round_reaches_the_collector_as_a_round_span() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path()).await;
+    let collector = FakeCollector::start().await;
+    let (child, addr) = start(dir.path(), &job, &collector.endpoint).await;
+    push_round_one(&addr).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(dir.path().join("run/metrics.jsonl"))
+        .is_ok_and(|m| m.contains("\"round\":1"))
+    {
+        assert!(Instant::now() < deadline, "round 1 did not commit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, stderr) = stop(child).await;
+    let spans = collector.wait_for("round", Duration::from_secs(5)).await;
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.name == "round" && s.service == "cohort-coordinator"),
+        "no round span in {spans:?}\n{stderr}"
+    );
+}
