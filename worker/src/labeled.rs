@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::text::{read_text, LocalDataError, TokenizerKind};
+use crate::text::{read_split_files, LocalDataError, TokenizerKind};
 
 /// The labeled training examples, in the data directory.
 pub const TRAIN_FILE: &str = "train.jsonl";
@@ -133,19 +133,13 @@ impl LabeledExamples {
         context: usize,
         num_classes: u32,
     ) -> Result<LabeledExamples, LocalDataError> {
-        if !dir.is_dir() {
-            return Err(LocalDataError::NotADirectory(dir.to_path_buf()));
-        }
-        let train_path = dir.join(TRAIN_FILE);
-        let test_path = dir.join(TEST_FILE);
-        let train = read_text(&train_path)?;
-        let test = read_text(&test_path)?;
+        let [train, test] = read_split_files(dir, [TRAIN_FILE, TEST_FILE])?;
         LabeledExamples::from_jsonl(
             tokenizer,
             context,
             num_classes,
-            (&train_path, &train),
-            (&test_path, &test),
+            (&train.0, &train.1),
+            (&test.0, &test.1),
         )
     }
 

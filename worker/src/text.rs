@@ -129,19 +129,8 @@ impl LocalText {
         tokenizer: TokenizerKind,
         context: usize,
     ) -> Result<LocalText, LocalDataError> {
-        if !dir.is_dir() {
-            return Err(LocalDataError::NotADirectory(dir.to_path_buf()));
-        }
-        let train_path = dir.join(TRAIN_FILE);
-        let test_path = dir.join(TEST_FILE);
-        let train = read_text(&train_path)?;
-        let test = read_text(&test_path)?;
-        LocalText::from_texts(
-            tokenizer,
-            context,
-            (&train_path, &train),
-            (&test_path, &test),
-        )
+        let [train, test] = read_split_files(dir, [TRAIN_FILE, TEST_FILE])?;
+        LocalText::from_texts(tokenizer, context, (&train.0, &train.1), (&test.0, &test.1))
     }
 }
 
@@ -177,7 +166,22 @@ pub fn preflight(dir: &Path) -> Result<(), LocalDataError> {
     Ok(())
 }
 
-pub(crate) fn read_text(path: &Path) -> Result<String, LocalDataError> {
+/// Reads a site's two split files `names` in `dir`: each path and its text.
+pub(crate) fn read_split_files(
+    dir: &Path,
+    names: [&str; 2],
+) -> Result<[(PathBuf, String); 2], LocalDataError> {
+    if !dir.is_dir() {
+        return Err(LocalDataError::NotADirectory(dir.to_path_buf()));
+    }
+    let read = |name: &str| {
+        let path = dir.join(name);
+        read_text(&path).map(|text| (path, text))
+    };
+    Ok([read(names[0])?, read(names[1])?])
+}
+
+fn read_text(path: &Path) -> Result<String, LocalDataError> {
     let bytes = std::fs::read(path).map_err(|source| LocalDataError::Read {
         path: path.to_path_buf(),
         source,
