@@ -385,27 +385,28 @@ impl Gpt {
         Ok(pooled.f_linear(weight, Some(bias))?)
     }
 
-    /// Summed cross-entropy of the class logits against `labels` `[batch]` (int64), and how
-    /// many examples the argmax gets right.
+    /// Summed cross-entropy of the class logits against `labels` `[batch]` (int64).
     pub fn classification_loss_sum(
         &self,
         batch: &ClassBatch,
         train: bool,
-    ) -> Result<(Tensor, i64), ModelError> {
+    ) -> Result<Tensor, ModelError> {
         let logits = self.class_logits(&batch.inputs, &batch.mask, train)?;
-        let loss = logits.f_cross_entropy_loss(
-            &batch.labels,
-            None::<Tensor>,
-            Reduction::Sum,
-            -100,
-            0.0,
-        )?;
+        Ok(classification_loss(&logits, batch)?)
+    }
+
+    /// The summed loss and, as a device scalar (no synchronisation), how many examples
+    /// the argmax gets right; for evaluation.
+    pub fn classification_eval_sums(
+        &self,
+        batch: &ClassBatch,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        let logits = self.class_logits(&batch.inputs, &batch.mask, false)?;
         let correct = logits
             .f_argmax(-1, false)?
             .f_eq_tensor(&batch.labels)?
-            .f_sum(Kind::Int64)?
-            .f_int64_value(&[])?;
-        Ok((loss, correct))
+            .f_sum(Kind::Int64)?;
+        Ok((classification_loss(&logits, batch)?, correct))
     }
 
     /// The final (layer-normed) hidden states `[batch, time, d_model]`.
@@ -519,6 +520,10 @@ impl Gpt {
             0.0,
         )?)
     }
+}
+
+fn classification_loss(logits: &Tensor, batch: &ClassBatch) -> Result<Tensor, TchError> {
+    logits.f_cross_entropy_loss(&batch.labels, None::<Tensor>, Reduction::Sum, -100, 0.0)
 }
 
 /// A batch of labeled examples on the model's device: token ids right-padded with 0 to the

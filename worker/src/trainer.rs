@@ -353,16 +353,17 @@ pub(crate) fn evaluate_examples(
 ) -> Result<EvalOutput, TrainerError> {
     let device = model.device();
     let (sum, correct) = tch::no_grad(|| -> Result<(f64, i64), TrainerError> {
+        // Accumulated on the device: one synchronisation at the end.
         let mut sum = Tensor::f_zeros([], (Kind::Double, device))?;
-        let mut correct = 0;
+        let mut correct = Tensor::f_zeros([], (Kind::Int64, device))?;
         for micro in examples.chunks(micro_batch_size.max(1)) {
             let refs: Vec<&crate::labeled::Example> = micro.iter().collect();
             let batch = crate::model::ClassBatch::new(&refs, device)?;
-            let (loss, right) = model.classification_loss_sum(&batch, false)?;
+            let (loss, right) = model.classification_eval_sums(&batch)?;
             sum = sum.f_add(&loss.f_to_kind(Kind::Double)?)?;
-            correct += right;
+            correct = correct.f_add(&right)?;
         }
-        Ok((sum.f_double_value(&[])?, correct))
+        Ok((sum.f_double_value(&[])?, correct.f_int64_value(&[])?))
     })?;
     let n = examples.len() as u64;
     Ok(EvalOutput {

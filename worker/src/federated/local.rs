@@ -291,7 +291,7 @@ impl LocalTrainer {
                 TrainItems::Examples(examples) => {
                     let batch: Vec<&Example> = picks.iter().map(|&i| &examples[i]).collect();
                     let batch = ClassBatch::new(&batch, device)?;
-                    let (loss, _) = self.model.classification_loss_sum(&batch, true)?;
+                    let loss = self.model.classification_loss_sum(&batch, true)?;
                     (loss, picks.len() as f64, batch.tokens)
                 }
             };
